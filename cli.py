@@ -1,0 +1,262 @@
+"""`prefloop`: the one console script and the composition root of the project.
+
+Each command parses its flags, builds a config, and calls one function of a package; this is the
+only module that imports across packages. Heavy packages are imported inside the commands that
+need them, so `prefloop --help`, `prefloop import` and `prefloop export` start fast.
+
+    prefloop db upgrade
+    prefloop import examples/pairwise.jsonl --format pairwise --source demo
+    prefloop export --format trl-preference --out prefs.jsonl
+    prefloop stats
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from store.db import Database
+
+app = typer.Typer(
+    name="prefloop",
+    help="Human + AI preference collection and the RLHF feedback loop.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Create and migrate the store's schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+class _State:
+    db_url: str | None = None
+
+
+STATE = _State()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _settings() -> Any:
+    from app.settings import get_settings
+
+    return get_settings(db_url=STATE.db_url)
+
+
+def open_database(*, create: bool = True) -> Database:
+    """The store named by --db / PREFLOOP_DB_URL / the default SQLite file, at the newest schema.
+
+    A brand-new (empty) database is migrated to the newest schema on first use; one at an older
+    revision is refused with the command that upgrades it, since migrating data is a decision.
+    """
+    from store import migrate
+    from store.db import Database
+
+    settings = _settings()
+    db = Database.from_url(settings.resolved_db_url(),
+                           sqlite_synchronous=settings.sqlite_synchronous)
+    current, head = migrate.current_revision(db.engine), migrate.head_revision()
+    if current is None and create:
+        migrate.upgrade(db.engine)
+    elif current != head:
+        raise _fail(f"the store is at schema revision {current}, this prefloop needs {head}: "
+                    "run `prefloop db upgrade`")
+    return db
+
+
+def _version(value: bool) -> None:
+    if value:
+        from store import __version__
+
+        typer.echo(f"prefloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    db: Annotated[str | None, typer.Option(
+        "--db", help="Store URL (sqlite:///path.db or postgresql://...). "
+        "Default: $PREFLOOP_DB_URL, else ./prefloop-data/prefloop.db.")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    STATE.db_url = db
+
+
+# ---------------------------------------------------------------------------------------------
+# db
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the store to the newest schema (or to REVISION)."""
+    from store import migrate
+    from store.db import Database
+
+    db = Database.from_url(_settings().resolved_db_url())
+    migrate.upgrade(db.engine, revision)
+    typer.echo(f"{db.url}: at revision {migrate.current_revision(db.engine)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="e.g. -1 or base")]) -> None:
+    """Migrate the store back to REVISION."""
+    from store import migrate
+    from store.db import Database
+
+    db = Database.from_url(_settings().resolved_db_url())
+    migrate.downgrade(db.engine, revision)
+    typer.echo(f"{db.url}: at revision {migrate.current_revision(db.engine)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the store's schema revision and the newest one."""
+    from store import migrate
+    from store.db import Database
+
+    db = Database.from_url(_settings().resolved_db_url())
+    typer.echo(f"{db.url}: at {migrate.current_revision(db.engine)}, "
+               f"head {migrate.head_revision()}")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Fail if the store's schema and the code's tables disagree."""
+    from store import migrate
+
+    db = open_database(create=False)
+    try:
+        migrate.check(db.engine)
+    except Exception as exc:
+        raise _fail(f"schema drift: {exc}", 1) from None
+    typer.echo("schema matches the models")
+
+
+# ---------------------------------------------------------------------------------------------
+# import / export
+
+
+@app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(help="A JSONL file (formats: docs/formats.md).")],
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="prompts | pairwise | listwise | binary | tasks")],
+    source: Annotated[str, typer.Option(
+        help="Name of where the data comes from; also the default annotator name.")] = "import",
+    annotator_kind: Annotated[str, typer.Option(
+        help="Kind of the rows' annotator when a row does not say: human | ai | rule")] = "human",
+    on_error: Annotated[str, typer.Option(
+        help="fail: write nothing if any row is bad; skip: write the good rows")] = "fail",
+    dataset: Annotated[str | None, typer.Option(help="Dataset tag for the prompts.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split tag for the prompts.")] = None,
+    overlap: Annotated[int, typer.Option(
+        help="tasks: how many human annotators each task needs.")] = 1,
+) -> None:
+    """Import prompts, labelled feedback or unlabelled tasks from a JSONL file."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from store.errors import StoreError
+    from store.importing import ImportRejected, import_jsonl
+    from store.models import AnnotatorKind
+
+    if annotator_kind not in AnnotatorKind.__members__:
+        raise _fail("--annotator-kind must be human, ai or rule")
+    if not file.is_file():
+        raise _fail(f"{file} is not a file")
+    db = open_database()
+    console = Console(stderr=True)
+    total = sum(1 for line in file.open(encoding="utf-8", errors="replace") if line.strip())
+    progress = Progress("[progress.description]{task.description}", BarColumn(),
+                        MofNCompleteColumn(), "rows", TimeRemainingColumn(), console=console,
+                        transient=True, disable=not console.is_terminal)
+    try:
+        with progress:
+            bar = progress.add_task(f"importing {file.name}", total=total)
+            report = import_jsonl(
+                db, file, format=format, source=source,  # type: ignore[arg-type]
+                annotator_kind=AnnotatorKind(annotator_kind),
+                on_error=on_error,  # type: ignore[arg-type]
+                dataset=dataset, split=split, overlap=overlap,
+                on_row=lambda _n: progress.advance(bar),
+            )
+    except ImportRejected as exc:
+        for error in exc.report.errors:
+            console.print(f"  {error}", highlight=False, markup=False)
+        raise _fail(f"{file}: {exc}", 1) from None
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    for error in report.errors:
+        console.print(f"  skipped {error}", highlight=False, markup=False)
+    created = ", ".join(f"{v} {k}" for k, v in sorted(report.created.items())) or "nothing new"
+    typer.echo(f"{file}: {report.rows_written} of {report.rows_read} rows imported "
+               f"({created}); {len(report.errors)} skipped")
+
+
+@app.command("export")
+def export_command(
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="trl-preference | trl-unpaired | sft | listwise")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="Keep labels from: human | ai | rule | all (repeatable).")] = None,
+    min_agreement: Annotated[float, typer.Option(
+        help="Drop rows whose annotators agree less than this (0..1).")] = 0.0,
+    dataset: Annotated[str | None, typer.Option(help="Only prompts of this dataset.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only prompts of this split.")] = None,
+    round_id: Annotated[int | None, typer.Option("--round", help="Only this round's tasks.")
+                        ] = None,
+    pairs_as_unpaired: Annotated[bool, typer.Option(
+        help="trl-unpaired: also write each preference pair as a desirable and an "
+        "undesirable row (for KTO).")] = False,
+) -> None:
+    """Export aggregated labels as a training file plus FILE.manifest.json."""
+    from store.errors import StoreError
+    from store.exporting import ExportFilters, export_jsonl
+
+    try:
+        filters = ExportFilters(
+            sources=tuple(source or ["all"]), min_agreement=min_agreement, dataset=dataset,
+            split=split, round_id=round_id, pairs_as_unpaired=pairs_as_unpaired,
+        )
+        db = open_database()
+        result = export_jsonl(db, format=format, out=out, filters=filters)  # type: ignore[arg-type]
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    skipped = ", ".join(f"{k}={v}" for k, v in result.counts.items() if k.startswith("skipped"))
+    typer.echo(f"{out}: {result.rows} rows, sha256 {result.sha256[:16]}…"
+               f"{'; ' + skipped if skipped else ''}; manifest {result.manifest_path}")
+
+
+@app.command("stats")
+def stats_command() -> None:
+    """Counts of prompts, completions, tasks and labels by kind and source."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from store.queries import store_counts
+
+    db = open_database()
+    with db.read() as session:
+        counts = store_counts(session)
+    table = Table("what", "count", title=f"prefloop store ({db.url})")
+    for key, value in counts.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

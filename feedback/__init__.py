@@ -1,0 +1,1 @@
+"""prefloop's AI and rule judges: batch labeling over OpenAI-compatible endpoints."""

@@ -1,0 +1,1 @@
+"""prefloop's labeling UI for annotators (Gradio, mounted in the FastAPI app)."""

@@ -1,0 +1,373 @@
+"""Export the store's labels as training files (TRL's dataset formats) with a manifest.
+
+    prefloop export --format trl-preference --out prefs.jsonl --source human --min-agreement 0.6
+
+Formats, aggregation and the manifest are described in docs/formats.md. In short: several labels
+on one task are reduced to their majority with an agreement figure; a listwise ranking of K
+completions becomes its C(K,2) ordered pairs, each weighted 1/C(K,2) as in the InstructGPT reward
+model recipe (Ouyang et al. 2022, Sec. 3.5: each prompt's comparisons are one batch element, so
+heavily-ranked prompts do not dominate); ties and both-bad give no pair. Rows come out in a fixed
+order, so the same store content always gives the same bytes and the same sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from itertools import combinations
+from math import comb
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlmodel import Session, col, select
+
+from store import repo
+from store.db import Database
+from store.errors import InvalidInput
+from store.models import (
+    Annotator,
+    AnnotatorKind,
+    Completion,
+    Label,
+    LabelStatus,
+    Prompt,
+    Task,
+    TaskItem,
+    TaskKind,
+)
+from store.values import content_text, pair_preference, sha256_hex
+
+ExportFormat = Literal["trl-preference", "trl-unpaired", "sft", "listwise"]
+EXPORT_FORMATS: tuple[str, ...] = ("trl-preference", "trl-unpaired", "sft", "listwise")
+SOURCES = ("human", "ai", "rule", "all")
+
+KINDS_FOR_FORMAT: dict[str, tuple[TaskKind, ...]] = {
+    "trl-preference": (TaskKind.pairwise, TaskKind.listwise),
+    "trl-unpaired": (TaskKind.binary,),
+    "sft": (TaskKind.pairwise, TaskKind.listwise, TaskKind.binary),
+    "listwise": (TaskKind.listwise,),
+}
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """Which labels an export reads and which rows it keeps."""
+
+    sources: tuple[str, ...] = ("all",)
+    min_agreement: float = 0.0
+    dataset: str | None = None
+    split: str | None = None
+    round_id: int | None = None
+    # trl-unpaired: also turn each preference pair into a desirable + an undesirable row (KTO).
+    pairs_as_unpaired: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sources) - set(SOURCES)
+        if not self.sources or unknown:
+            raise InvalidInput(f"source must be among {', '.join(SOURCES)}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise InvalidInput("min_agreement must be between 0 and 1")
+
+    def annotator_kinds(self) -> set[AnnotatorKind]:
+        if "all" in self.sources:
+            return set(AnnotatorKind)
+        return {AnnotatorKind(s) for s in self.sources}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation: pure functions
+
+
+def majority(votes: Sequence[str]) -> tuple[str | None, float]:
+    """The most common vote and the share of votes that agree with it.
+
+    A tie at the top has no majority: (None, top share).
+    """
+    if not votes:
+        return None, 0.0
+    counts = Counter(votes).most_common()
+    top = counts[0][1]
+    if len(counts) > 1 and counts[1][1] == top:
+        return None, top / len(votes)
+    return counts[0][0], top / len(votes)
+
+
+def aggregate_ranks(rankings: Sequence[Sequence[int]]) -> list[int]:
+    """Dense ranks of the mean rank per position (Borda-style); equal means tie."""
+    k = len(rankings[0])
+    means = [sum(r[i] for r in rankings) / len(rankings) for i in range(k)]
+    distinct = sorted(set(means))
+    return [distinct.index(m) + 1 for m in means]
+
+
+def pair_votes(rankings: Sequence[Sequence[int]], i: int, j: int) -> list[str]:
+    """Each ranking's verdict on positions (i, j): 'i', 'j' or 'tie'."""
+    votes = []
+    for ranks in rankings:
+        winner = pair_preference(ranks, i, j)
+        votes.append("tie" if winner is None else ("i" if winner == i else "j"))
+    return votes
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class _TaskData:
+    task: Task
+    prompt: Prompt
+    completions: list[Completion]  # canonical order
+    labels: list[Label] = field(default_factory=list)
+
+
+def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters) -> list[_TaskData]:
+    query = (
+        select(Task, Prompt)
+        .join(Prompt, col(Prompt.id) == col(Task.prompt_id))
+        .where(col(Task.kind).in_(list(kinds)))
+        .order_by(col(Task.id))
+    )
+    if filters.dataset is not None:
+        query = query.where(Prompt.dataset == filters.dataset)
+    if filters.split is not None:
+        query = query.where(Prompt.split == filters.split)
+    if filters.round_id is not None:
+        query = query.where(Task.round_id == filters.round_id)
+    tasks = {task.id: _TaskData(task, prompt, []) for task, prompt in session.exec(query).all()}
+    if not tasks:
+        return []
+    ids = list(tasks)
+    items = session.exec(
+        select(TaskItem, Completion)
+        .join(Completion, col(Completion.id) == col(TaskItem.completion_id))
+        .where(col(TaskItem.task_id).in_(ids))
+        .order_by(col(TaskItem.task_id), col(TaskItem.position))
+    ).all()
+    for item, completion in items:
+        tasks[item.task_id].completions.append(completion)
+    labels = session.exec(
+        select(Label)
+        .join(Annotator, col(Annotator.id) == col(Label.annotator_id))
+        .where(
+            col(Label.task_id).in_(ids),
+            Label.status == LabelStatus.submitted,
+            col(Annotator.kind).in_(list(filters.annotator_kinds())),
+        )
+        .order_by(col(Label.task_id), col(Label.id))
+    ).all()
+    for label in labels:
+        tasks[label.task_id].labels.append(label)
+    return [data for data in tasks.values() if data.labels]
+
+
+def _as_completion(prompt: Any, completion: Any) -> Any:
+    """TRL wants completions of the same type as the prompt (text, or a list of messages)."""
+    if isinstance(prompt, list):
+        if isinstance(completion, str):
+            return [{"role": "assistant", "content": completion}]
+        return completion
+    return content_text(completion)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass(frozen=True)
+class _Pair:
+    data: _TaskData
+    chosen: int  # canonical positions
+    rejected: int
+    weight: float
+    agreement: float
+
+
+def _pairs(data: _TaskData, counts: Counter[str]) -> list[_Pair]:
+    """The preference pairs a task yields after aggregation (see module docstring)."""
+    if data.task.kind == TaskKind.pairwise:
+        winner, agreement = majority([label.choice or "" for label in data.labels])
+        if winner is None:
+            counts["skipped_no_majority"] += 1
+            return []
+        if winner in ("tie", "both_bad"):
+            counts[f"skipped_{winner}"] += 1
+            return []
+        chosen = 0 if winner == "a" else 1
+        return [_Pair(data, chosen, 1 - chosen, 1.0, agreement)]
+    # listwise
+    rankings = [label.ranks for label in data.labels if label.ranks]
+    k = len(data.completions)
+    weight = 1.0 / comb(k, 2)
+    pairs = []
+    for i, j in combinations(range(k), 2):
+        winner, agreement = majority(pair_votes(rankings, i, j))
+        if winner is None:
+            counts["skipped_no_majority"] += 1
+        elif winner == "tie":
+            counts["skipped_tie"] += 1
+        else:
+            chosen, rejected = (i, j) if winner == "i" else (j, i)
+            pairs.append(_Pair(data, chosen, rejected, weight, agreement))
+    return pairs
+
+
+def _base(data: _TaskData) -> dict[str, Any]:
+    return {"task_id": data.task.id, "task_kind": data.task.kind.value,
+            "n_labels": len(data.labels)}
+
+
+def build_rows(
+    session: Session, format: ExportFormat, filters: ExportFilters
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The export's rows, in order, and counts of what was kept and skipped."""
+    if format not in KINDS_FOR_FORMAT:
+        raise InvalidInput(f"unknown export format {format!r}; use one of "
+                           f"{', '.join(EXPORT_FORMATS)}")
+    kinds = KINDS_FOR_FORMAT[format]
+    if format == "trl-unpaired" and filters.pairs_as_unpaired:
+        kinds = (TaskKind.pairwise, TaskKind.listwise, TaskKind.binary)
+    counts: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+
+    def keep(agreement: float) -> bool:
+        if agreement + 1e-12 < filters.min_agreement:
+            counts["skipped_low_agreement"] += 1
+            return False
+        return True
+
+    for data in _load(session, kinds, filters):
+        counts[f"tasks_{data.task.kind.value}"] += 1
+        counts["labels_used"] += len(data.labels)
+        prompt = data.prompt.content
+        completion = [_as_completion(prompt, c.content) for c in data.completions]
+        if data.task.kind == TaskKind.binary:
+            winner, agreement = majority([label.choice or "" for label in data.labels])
+            if winner is None:
+                counts["skipped_no_majority"] += 1
+                continue
+            if not keep(agreement):
+                continue
+            if format == "trl-unpaired":
+                rows.append({"prompt": prompt, "completion": completion[0],
+                             "label": winner == "up", "weight": 1.0,
+                             "agreement": agreement, **_base(data)})
+            elif winner == "up":  # sft
+                rows.append({"prompt": prompt, "completion": completion[0], **_base(data)})
+            continue
+        if format == "listwise":
+            rankings = [label.ranks for label in data.labels if label.ranks]
+            ranks = aggregate_ranks(rankings)
+            k = len(ranks)
+            pair_agreement = [majority(pair_votes(rankings, i, j))[1]
+                              for i, j in combinations(range(k), 2)]
+            agreement = sum(pair_agreement) / len(pair_agreement)
+            if keep(agreement):
+                rows.append({"prompt": prompt, "completions": completion, "ranks": ranks,
+                             "agreement": agreement, **_base(data)})
+            continue
+        if format == "sft":
+            # The winner of a pairwise task; the aggregated best of a listwise one.
+            if data.task.kind == TaskKind.pairwise:
+                winner, agreement = majority([label.choice or "" for label in data.labels])
+                best = {"a": [0], "b": [1]}.get(winner or "", [])
+                if not best:
+                    counts["skipped_no_winner"] += 1
+                    continue
+            else:
+                rankings = [label.ranks for label in data.labels if label.ranks]
+                ranks = aggregate_ranks(rankings)
+                best = [i for i, r in enumerate(ranks) if r == 1]
+                agreement = sum(1 for r in rankings if all(r[i] == min(r) for i in best)) / len(
+                    rankings)
+            if keep(agreement):
+                rows.extend({"prompt": prompt, "completion": completion[i], **_base(data)}
+                            for i in best)
+            continue
+        for pair in _pairs(data, counts):
+            if not keep(pair.agreement):
+                continue
+            if format == "trl-preference":
+                rows.append({"prompt": prompt, "chosen": completion[pair.chosen],
+                             "rejected": completion[pair.rejected], "weight": pair.weight,
+                             "agreement": pair.agreement, **_base(data)})
+            else:  # trl-unpaired with pairs_as_unpaired
+                for position, desirable in ((pair.chosen, True), (pair.rejected, False)):
+                    rows.append({"prompt": prompt, "completion": completion[position],
+                                 "label": desirable, "weight": pair.weight,
+                                 "agreement": pair.agreement, **_base(data)})
+    counts["rows"] = len(rows)
+    return rows, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest_path: Path
+    sha256: str
+    rows: int
+    counts: dict[str, int]
+    snapshot_id: int
+
+
+def manifest_path_for(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_jsonl(
+    db: Database, *, format: ExportFormat, out: Path, filters: ExportFilters | None = None
+) -> ExportResult:
+    """Write the export and its manifest, and record the snapshot in the store."""
+    from store import __version__
+
+    filters = filters or ExportFilters()
+    with db.read() as session:
+        if not db.is_sqlite:
+            # One consistent view across the several queries, as SQLite's read transaction is.
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        rows, counts = build_rows(session, format, filters)
+    payload = "".join(
+        json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows
+    ).encode("utf-8")
+    digest = sha256_hex(payload)
+    filters_dict = {**asdict(filters), "sources": list(filters.sources)}
+    counts_dict = dict(sorted(counts.items()))
+    with db.write() as session:
+        snapshot = repo.record_export(
+            session=session, sha256=digest, format=format, path=str(out.resolve()),
+            filters=filters_dict, counts=counts_dict, rows=len(rows),
+        )
+        snapshot_id = snapshot.id or 0
+    _write_atomically(out, payload)
+    manifest = {
+        "sha256": digest, "format": format, "filters": filters_dict, "counts": counts_dict,
+        "rows": len(rows), "created_at": datetime.now(UTC).isoformat(),
+        "prefloop_version": __version__, "snapshot_id": snapshot_id, "database": db.url,
+    }
+    manifest_path = manifest_path_for(out)
+    _write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return ExportResult(out, manifest_path, digest, len(rows), counts_dict, snapshot_id)

@@ -1,0 +1,271 @@
+"""The feedback store's tables: prompts, policy versions, completions, tasks, labels, audit.
+
+One schema carries pairwise, listwise and binary feedback from humans, AI judges and rule judges,
+with the provenance later stages need: which policy version wrote each completion, who or what
+labelled it, and in which order the completions were shown. Human and AI labels are rows of the
+same `Label` table that differ by their annotator's `kind`; one label per (task, annotator) is a
+database constraint, so a human label can never overwrite an AI one or the reverse.
+
+Schema changes go through Alembic (`store/migrations`, `prefloop db upgrade`).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import Enum as SAEnum
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now (the store keeps and returns UTC on both databases)."""
+    return datetime.now(UTC)
+
+
+def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Column[Any]:
+    # Stored as VARCHAR + CHECK rather than a native PostgreSQL ENUM: adding a value later is
+    # then an ordinary batch migration on both databases.
+    return Column(
+        SAEnum(enum_cls, native_enum=False, validate_strings=True, length=16,
+               values_callable=lambda e: [m.value for m in e]),
+        **kw,
+    )
+
+
+class AnnotatorKind(enum.StrEnum):
+    human = "human"
+    ai = "ai"
+    rule = "rule"
+
+
+class Role(enum.StrEnum):
+    annotator = "annotator"
+    admin = "admin"
+
+
+class TaskKind(enum.StrEnum):
+    pairwise = "pairwise"
+    listwise = "listwise"
+    binary = "binary"
+
+
+class PolicyStatus(enum.StrEnum):
+    candidate = "candidate"
+    deployed = "deployed"
+    retired = "retired"
+    rejected = "rejected"
+
+
+class LabelStatus(enum.StrEnum):
+    submitted = "submitted"
+    # An AI judge's output that could not be parsed into a verdict: stored and counted, never
+    # guessed into a winner, never exported.
+    invalid = "invalid"
+
+
+PAIRWISE_CHOICES = ("a", "b", "tie", "both_bad")
+BINARY_CHOICES = ("up", "down")
+
+
+class Annotator(SQLModel, table=True):
+    """Who or what labels: a person (with a role), an AI judge (model + rubric version) or a rule."""
+
+    __tablename__ = "annotator"
+    __table_args__ = (UniqueConstraint("name", name="uq_annotator_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    kind: AnnotatorKind = Field(sa_column=_enum_column(AnnotatorKind, nullable=False))
+    role: Role | None = Field(default=None, sa_column=_enum_column(Role, nullable=True))
+    # AI judges: the model and the rubric (prompt template) version; rules: checker + version.
+    model: str | None = Field(default=None, max_length=200)
+    rubric_version: str | None = Field(default=None, max_length=100)
+    config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Prompt(SQLModel, table=True):
+    """A prompt: plain text or a list of chat messages, tagged with its dataset and split."""
+
+    __tablename__ = "prompt"
+    __table_args__ = (
+        UniqueConstraint("dataset", "content_hash", name="uq_prompt_dataset_hash"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    # str, or [{"role": ..., "content": ...}, ...]
+    content: Any = Field(sa_column=Column(JSON, nullable=False))
+    content_hash: str = Field(max_length=64)
+    dataset: str = Field(default="default", max_length=200)
+    split: str = Field(default="train", max_length=50)
+    # Reference answer for rule judges (exact / numeric match), when known.
+    reference: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Round(SQLModel, table=True):
+    """One training round of the loop (its state machine is driven by the loop issue)."""
+
+    __tablename__ = "round"
+
+    id: int | None = Field(default=None, primary_key=True)
+    algo: str = Field(max_length=20)
+    state: str = Field(default="collect", max_length=20)
+    config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class PolicyVersion(SQLModel, table=True):
+    """A policy checkpoint: where its weights are, what it came from, and whether it serves."""
+
+    __tablename__ = "policy_version"
+    __table_args__ = (UniqueConstraint("name", name="uq_policy_version_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    base_model: str = Field(max_length=500)
+    weights_uri: str | None = Field(default=None, max_length=1000)
+    is_adapter: bool = False
+    parent_id: int | None = Field(default=None, foreign_key="policy_version.id")
+    round_id: int | None = Field(default=None, foreign_key="round.id")
+    status: PolicyStatus = Field(
+        default=PolicyStatus.candidate, sa_column=_enum_column(PolicyStatus, nullable=False)
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Completion(SQLModel, table=True):
+    """A response to a prompt, tied to the policy version and settings that wrote it.
+
+    `origin` is `policy:<id>` for generated text and `external:<source>` for imported text;
+    identical text from the same origin for the same prompt is stored once.
+    """
+
+    __tablename__ = "completion"
+    __table_args__ = (
+        UniqueConstraint("prompt_id", "origin", "content_hash", name="uq_completion_origin"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    prompt_id: int = Field(foreign_key="prompt.id", index=True)
+    content: Any = Field(sa_column=Column(JSON, nullable=False))
+    content_hash: str = Field(max_length=64)
+    origin: str = Field(max_length=250)
+    policy_version_id: int | None = Field(default=None, foreign_key="policy_version.id")
+    generation: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Task(SQLModel, table=True):
+    """A unit of labelling work: 2 (pairwise), K (listwise) or 1 (binary) completions of a prompt.
+
+    `task_key` is a hash of (kind, prompt, the set of completions, round), so importing the same
+    work twice does not create a second task, and a pair imported in the other order lands on the
+    same task.
+    """
+
+    __tablename__ = "task"
+    __table_args__ = (UniqueConstraint("task_key", name="uq_task_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_key: str = Field(max_length=64)
+    kind: TaskKind = Field(sa_column=_enum_column(TaskKind, nullable=False))
+    prompt_id: int = Field(foreign_key="prompt.id", index=True)
+    round_id: int | None = Field(default=None, foreign_key="round.id", index=True)
+    # How many distinct human annotators should label it (the project's `overlap`).
+    overlap: int = 1
+    # Gold tasks carry a known answer (same shape as a label value) to measure annotators.
+    gold: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Higher first; routing puts judge-disagreement tasks in front of humans.
+    priority: int = 0
+    source: str | None = Field(default=None, max_length=250)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TaskItem(SQLModel, table=True):
+    """The completions of a task in their canonical order (position 0..K-1)."""
+
+    __tablename__ = "task_item"
+    __table_args__ = (
+        UniqueConstraint("task_id", "position", name="uq_task_item_position"),
+        UniqueConstraint("task_id", "completion_id", name="uq_task_item_completion"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    position: int
+    completion_id: int = Field(foreign_key="completion.id")
+
+
+class Label(SQLModel, table=True):
+    """One annotator's answer to one task, in canonical positions.
+
+    pairwise: `choice` in a/b/tie/both_bad (a = canonical position 0); listwise: `ranks`, the
+    1-based rank of each canonical position (ties share a rank); binary: `choice` in up/down.
+    `shown_order` lists the canonical positions in the order they were presented (left to
+    right), or is null when unknown (imported data).
+    """
+
+    __tablename__ = "label"
+    __table_args__ = (
+        UniqueConstraint("task_id", "annotator_id", name="uq_label_task_annotator"),
+        UniqueConstraint("annotator_id", "idempotency_key", name="uq_label_idempotency"),
+        Index("ix_label_created_at", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    status: LabelStatus = Field(
+        default=LabelStatus.submitted, sa_column=_enum_column(LabelStatus, nullable=False)
+    )
+    choice: str | None = Field(default=None, max_length=16)
+    ranks: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    ratings: list[float] | None = Field(default=None, sa_column=Column(JSON))
+    shown_order: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    rationale: str | None = Field(default=None, sa_column=Column(Text))
+    confidence: float | None = None
+    # Judge details (raw verdicts per order, flags), never used to decide the label itself.
+    details: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    request_hash: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only history of every create/update/delete of a label (triggers refuse edits)."""
+
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    entity: str = Field(max_length=40)
+    entity_id: int
+    action: str = Field(max_length=10)
+    actor_id: int | None = Field(default=None, foreign_key="annotator.id")
+    request_id: str | None = Field(default=None, max_length=100)
+    old: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    new: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    at: datetime = Field(default_factory=utcnow)
+
+
+class ExportSnapshot(SQLModel, table=True):
+    """A written export: its content hash, the filters that made it and the counts it holds."""
+
+    __tablename__ = "export_snapshot"
+
+    id: int | None = Field(default=None, primary_key=True)
+    sha256: str = Field(max_length=64, index=True)
+    format: str = Field(max_length=30)
+    path: str | None = Field(default=None, max_length=1000)
+    filters: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    counts: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    rows: int
+    created_at: datetime = Field(default_factory=utcnow)
