@@ -71,7 +71,7 @@ BINARY_CHOICES = ("up", "down")
 
 
 class Annotator(SQLModel, table=True):
-    """Who or what labels: a person (with a role), an AI judge (model + rubric version) or a rule."""
+    """Who or what labels: a person (with a role), an AI judge (model + rubric) or a rule."""
 
     __tablename__ = "annotator"
     __table_args__ = (UniqueConstraint("name", name="uq_annotator_name"),)
@@ -268,4 +268,63 @@ class ExportSnapshot(SQLModel, table=True):
     filters: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     counts: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     rows: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiToken(SQLModel, table=True):
+    """An API token of an account. Only its sha256 is stored; it expires and can be revoked."""
+
+    __tablename__ = "api_token"
+    __table_args__ = (UniqueConstraint("token_hash", name="uq_api_token_hash"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    token_hash: str = Field(max_length=64)
+    name: str | None = Field(default=None, max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class LeaseState(enum.StrEnum):
+    active = "active"
+    submitted = "submitted"
+    skipped = "skipped"
+    expired = "expired"
+
+
+class TaskLease(SQLModel, table=True):
+    """A task handed to one annotator: when, until when, and the order it was shown in.
+
+    One row per (task, annotator) ever, so an annotator is never offered the same task twice.
+    """
+
+    __tablename__ = "task_lease"
+    __table_args__ = (
+        UniqueConstraint("task_id", "annotator_id", name="uq_task_lease_task_annotator"),
+        Index("ix_task_lease_state_expires", "state", "expires_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    shown_order: list[int] = Field(sa_column=Column(JSON, nullable=False))
+    state: LeaseState = Field(
+        default=LeaseState.active, sa_column=_enum_column(LeaseState, nullable=False)
+    )
+    leased_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
+class JudgeCalibration(SQLModel, table=True):
+    """A judge's measured agreement with human labels, per judge identity (model + rubric)."""
+
+    __tablename__ = "judge_calibration"
+
+    id: int | None = Field(default=None, primary_key=True)
+    annotator_id: int = Field(foreign_key="annotator.id", index=True)
+    n_tasks: int
+    # agreement, cohen_kappa, position_consistency, first_position_win_rate, ...
+    metrics: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)

@@ -15,7 +15,7 @@ def store_counts(session: Session) -> dict[str, int]:
                         ("labels", Label), ("annotators", Annotator)):
         counts[name] = session.exec(select(func.count()).select_from(model)).one()
     for kind, n in session.exec(select(Task.kind, func.count()).group_by(Task.kind)).all():
-        counts[f"tasks.{kind.value}"] = n
+        counts[f"tasks.{kind}"] = n
     rows = session.exec(
         select(Task.kind, Annotator.kind, Label.status, func.count())
         .join(Task, col(Task.id) == col(Label.task_id))
@@ -23,6 +23,6 @@ def store_counts(session: Session) -> dict[str, int]:
         .group_by(Task.kind, Annotator.kind, Label.status)
     ).all()
     for task_kind, annotator_kind, status, n in sorted(rows, key=lambda r: str(r)):
-        suffix = "" if status == LabelStatus.submitted else f".{status.value}"
-        counts[f"labels.{task_kind.value}.{annotator_kind.value}{suffix}"] = n
+        suffix = "" if status == LabelStatus.submitted else f".{status}"
+        counts[f"labels.{task_kind}.{annotator_kind}{suffix}"] = n
     return counts

@@ -51,7 +51,9 @@ MAX_RATIONALE_CHARS = 10_000
 MAX_LISTWISE_K = 16
 
 
-def _insert_or_get(session: Session, row: M, find_existing: Callable[[], M | None]) -> tuple[M, bool]:
+def _insert_or_get(
+    session: Session, row: M, find_existing: Callable[[], M | None]
+) -> tuple[M, bool]:
     """Insert `row` in a savepoint; if a unique key says it exists, return the stored one."""
     existing = find_existing()
     if existing is not None:
@@ -96,7 +98,9 @@ def get_or_create_annotator(
         session, row, lambda: session.exec(select(Annotator).where(Annotator.name == name)).first()
     )
     if annotator.kind != kind:
-        raise Conflict(f"annotator {name!r} exists with kind {annotator.kind.value}, not {kind.value}")
+        raise Conflict(
+            f"annotator {name!r} exists with kind {annotator.kind.value}, not {kind.value}"
+        )
     return annotator
 
 
@@ -247,6 +251,7 @@ def get_or_create_task(
         session, row, lambda: session.exec(select(Task).where(Task.task_key == key)).first()
     )
     if created:
+        assert task.id is not None  # flushed
         for position, completion_id in enumerate(completion_ids):
             session.add(TaskItem(task_id=task.id, position=position, completion_id=completion_id))
         session.flush()
@@ -392,6 +397,7 @@ def submit_label(
         with session.begin_nested():
             session.add(label)
             session.flush()
+            assert label.id is not None
             session.add(AuditEvent(entity="label", entity_id=label.id, action="create",
                                    actor_id=annotator_id, request_id=request_id,
                                    new=label_snapshot(label)))
