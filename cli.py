@@ -254,6 +254,24 @@ def stats_command() -> None:
     Console().print(table)
 
 
+# Command groups of the other packages. Each `register(root)` adds typer commands that parse
+# flags and call that package's functions; the modules import their heavy dependencies lazily,
+# inside the commands. A package whose commands module is not present yet adds none.
+COMMAND_MODULES = ("app.commands", "feedback.commands", "training.commands")
+
+
+def _register_package_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
+
+
+_register_package_commands()
+
+
 def main() -> None:
     app()
 

@@ -17,6 +17,7 @@ Nothing here is global: callers build a `Database` from a URL and pass it (or it
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -118,6 +119,11 @@ class Database:
         self.is_sqlite = engine.dialect.name == "sqlite"
         # Same pool, but connections checked out through it begin IMMEDIATE on SQLite.
         self._write_engine = engine.execution_options(prefloop_write=True)
+        # SQLite has one writer. Between threads of this process, hand the write lock over with
+        # a Python lock: SQLite's busy handler polls with growing sleeps, so a waiting writer
+        # can sleep long after the lock is free (measured: p99 536 ms -> see BENCHMARKS.md).
+        # Other processes on the same file still wait through busy_timeout.
+        self._local_writer = threading.Lock() if self.is_sqlite else None
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> Database:
@@ -131,7 +137,12 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One write transaction: committed when the block exits, rolled back if it raises."""
-        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+        if self._local_writer is None:
+            with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+                yield session
+            return
+        with self._local_writer, Session(self._write_engine, expire_on_commit=False) as session, \
+                session.begin():
             yield session
 
     def run_write(self, fn: Callable[[Session], T], *, attempts: int = 5) -> T:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sqlalchemy import func, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -343,12 +344,18 @@ def submit_label(
         raise InvalidInput(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
     if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise InvalidInput("confidence must be between 0 and 1")
-    task = session.get(Task, task_id)
-    if task is None:
+    # One query for the task and its size, one for any label that already answers the request.
+    found = session.exec(
+        select(Task, func.count(col(TaskItem.id)))
+        .join(TaskItem, col(TaskItem.task_id) == col(Task.id))
+        .where(Task.id == task_id)
+        .group_by(col(Task.id))
+    ).first()
+    if found is None:
         raise NotFound(f"task {task_id} does not exist")
+    task, k = found
     if session.get(Annotator, annotator_id) is None:
         raise NotFound(f"annotator {annotator_id} does not exist")
-    k = len(task_completion_ids(session=session, task_id=task_id))
     if status == LabelStatus.invalid:
         clean: dict[str, Any] = {}
     elif value is None:
@@ -359,33 +366,29 @@ def submit_label(
         shown_order = validate_shown_order(shown_order, k)
     request_hash = _request_hash(task_id, status, clean, shown_order, rationale, confidence)
 
-    def by_key() -> Label | None:
-        if idempotency_key is None:
-            return None
-        return session.exec(
-            select(Label).where(
-                Label.annotator_id == annotator_id, Label.idempotency_key == idempotency_key
-            )
-        ).first()
+    def resolve_existing() -> SubmitResult | None:
+        """Replay (same key, same body), refuse (same key, other body, or a second label)."""
+        same_task = col(Label.task_id) == task_id
+        same_key = (col(Label.idempotency_key) == idempotency_key if idempotency_key is not None
+                    else same_task)
+        rows = session.exec(
+            select(Label).where(Label.annotator_id == annotator_id, or_(same_key, same_task))
+        ).all()
+        by_key = [r for r in rows if idempotency_key is not None
+                  and r.idempotency_key == idempotency_key]
+        if by_key:
+            if by_key[0].request_hash != request_hash:
+                raise IdempotencyMismatch(
+                    "this Idempotency-Key was already used with a different request"
+                )
+            return SubmitResult(by_key[0], replayed=True)
+        if rows:
+            raise Conflict(f"annotator {annotator_id} has already labelled task {task_id}")
+        return None
 
-    def replay_or_refuse(existing: Label) -> SubmitResult:
-        if existing.request_hash != request_hash:
-            raise IdempotencyMismatch(
-                "this Idempotency-Key was already used with a different request"
-            )
-        return SubmitResult(existing, replayed=True)
-
-    existing = by_key()
+    existing = resolve_existing()
     if existing is not None:
-        return replay_or_refuse(existing)
-
-    def by_task() -> Label | None:
-        return session.exec(
-            select(Label).where(Label.task_id == task_id, Label.annotator_id == annotator_id)
-        ).first()
-
-    if by_task() is not None:
-        raise Conflict(f"annotator {annotator_id} has already labelled task {task_id}")
+        return existing
 
     label = Label(
         task_id=task_id, annotator_id=annotator_id, status=status,
@@ -393,25 +396,29 @@ def submit_label(
         shown_order=shown_order, rationale=rationale, confidence=confidence, details=details,
         idempotency_key=idempotency_key, request_hash=request_hash,
     )
+
+    def insert() -> None:
+        session.add(label)
+        session.flush()
+        assert label.id is not None
+        session.add(AuditEvent(entity="label", entity_id=label.id, action="create",
+                               actor_id=annotator_id, request_id=request_id,
+                               new=label_snapshot(label)))
+        session.flush()
+
+    if session.get_bind().dialect.name == "sqlite":
+        # Writers are serialised by BEGIN IMMEDIATE: nobody can have inserted since the check.
+        insert()
+        return SubmitResult(label, replayed=False)
     try:
         with session.begin_nested():
-            session.add(label)
-            session.flush()
-            assert label.id is not None
-            session.add(AuditEvent(entity="label", entity_id=label.id, action="create",
-                                   actor_id=annotator_id, request_id=request_id,
-                                   new=label_snapshot(label)))
-            session.flush()
+            insert()
     except IntegrityError:
-        # Another transaction stored a label first (PostgreSQL; SQLite writers are serialised).
-        existing = by_key()
-        if existing is not None:
-            return replay_or_refuse(existing)
-        if by_task() is not None:
-            raise Conflict(
-                f"annotator {annotator_id} has already labelled task {task_id}"
-            ) from None
-        raise
+        # Another transaction stored a label first: answer as if it had been there before.
+        existing = resolve_existing()
+        if existing is None:
+            raise
+        return existing
     return SubmitResult(label, replayed=False)
 
 
