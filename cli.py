@@ -265,8 +265,11 @@ def _register_package_commands() -> None:
     import importlib.util
 
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(app)
+        package = name.partition(".")[0]
+        # find_spec of a submodule imports its package, so look for the package first.
+        if importlib.util.find_spec(package) is None or importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(app)
 
 
 _register_package_commands()
