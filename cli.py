@@ -12,10 +12,16 @@ need them, so `prefloop --help`, `prefloop import` and `prefloop export` start f
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if __name__ == "__main__":
+    # `python cli.py ...`: commands do `from cli import open_database` lazily; without this alias
+    # that would load a second copy of this module whose --db state is empty.
+    sys.modules.setdefault("cli", sys.modules["__main__"])
 
 if TYPE_CHECKING:
     from store.db import Database

@@ -1,0 +1,446 @@
+"""Judge configurations: frozen, validated, loaded from TOML or JSON files.
+
+A judge config says what the judge is (an LLM behind an OpenAI-compatible endpoint, a set of
+rule checks, a trained reward model, or an ensemble of other judges), how it is debiased, and
+how the batch runner may call it. The judge's identity in the store (its annotator row) is
+derived from the config: `ai:<model>:<rubric>@<version>`, `rule:<name>@<version>`,
+`rm:<name>@<version>` or `ensemble:<name>@<version>`.
+
+    from feedback.config import load_judge_config
+    config = load_judge_config("judges/pairwise.toml")
+
+See docs/judges.md for every field. Unknown keys are refused, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from feedback.rubric import Rubric, load_rubric
+
+TaskKindName = Literal["pairwise", "listwise", "binary"]
+TASK_KINDS: tuple[str, ...] = ("pairwise", "listwise", "binary")
+
+
+class ConfigError(ValueError):
+    """A judge config that does not validate (the message names the field)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
+    _check(value in allowed, f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """How the batch runner may call an endpoint (shared by LLM judges; rules ignore most)."""
+
+    concurrency: int = 8
+    """Most requests in flight at once."""
+    rate_limit_rps: float = 10.0
+    """Most request starts per second (every attempt counts, retries included)."""
+    timeout_s: float = 60.0
+    """Per-call deadline; a call that has not answered by then is abandoned and retried."""
+    max_retries: int = 5
+    """Retries per call on 429, 5xx, timeouts and dropped connections."""
+    backoff_base_s: float = 0.5
+    """First backoff; doubles per retry, with full jitter, unless the server sends Retry-After."""
+    backoff_max_s: float = 30.0
+    """Longest backoff (and the longest Retry-After honoured)."""
+    write_batch: int = 50
+    """Labels written per store transaction; a crash redoes at most one batch."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.concurrency <= 1024, "concurrency must be between 1 and 1024")
+        _check(self.rate_limit_rps > 0, "rate_limit_rps must be positive")
+        _check(self.timeout_s > 0, "timeout_s must be positive")
+        _check(0 <= self.max_retries <= 50, "max_retries must be between 0 and 50")
+        _check(self.backoff_base_s >= 0 and self.backoff_max_s >= self.backoff_base_s,
+               "backoff_base_s must be >= 0 and <= backoff_max_s")
+        _check(1 <= self.write_batch <= 10_000, "write_batch must be between 1 and 10000")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Which of this judge's tasks go to the human queue first (by raising Task.priority)."""
+
+    min_confidence: float = 0.6
+    """A label with a lower confidence routes its task to humans."""
+    priority: int = 10
+    """The priority routed tasks are raised to (higher is served first)."""
+    on_flagged: Literal["route", "keep"] = "route"
+    """A candidate flagged as an injection attempt: route the task to humans, or only flag it."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.min_confidence <= 1.0, "routing.min_confidence must be in [0, 1]")
+        _check_choice(self.on_flagged, ("route", "keep"), "routing.on_flagged")
+
+
+@dataclass(frozen=True)
+class LLMJudgeConfig:
+    """An LLM judge behind any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, prefloop)."""
+
+    model: str
+    rubric: Rubric
+    base_url: str | None = None
+    """Endpoint, e.g. http://127.0.0.1:8011/v1 (default: $OPENAI_BASE_URL, else OpenAI)."""
+    name: str | None = None
+    """Annotator name; default ai:<model>:<rubric>@<version>."""
+    constitution: tuple[str, ...] = ()
+    """Principles the judge must weigh, listed in the system message."""
+    task_kinds: tuple[str, ...] = TASK_KINDS
+    both_orders: bool = True
+    """Pairwise: judge (A, B) and (B, A) and keep only verdicts that agree (MT-Bench)."""
+    on_inconsistent: Literal["tie", "human"] = "tie"
+    """Orders disagree: store a tie, or store no verdict (invalid) and route to humans."""
+    listwise_shuffles: int = 3
+    """Listwise: shown orders whose rankings are averaged (first is canonical, rest seeded)."""
+    structured_output: Literal["auto", "json_schema", "json_object", "off"] = "auto"
+    """auto: try OpenAI's json_schema, then llama.cpp's json_object + schema, then none (the
+    strict parser always has the last word)."""
+    logprobs: bool = True
+    """Ask for token logprobs (confidence of the verdict token) where the endpoint gives them."""
+    temperature: float = 0.0
+    max_tokens: int = 512
+    seed: int = 0
+    """Seeds listwise shuffles (nonces stay random per call)."""
+    price_input_per_mtok: float = 0.0
+    """USD per million prompt tokens, for --budget-usd and the spend column."""
+    price_output_per_mtok: float = 0.0
+    limits: RunLimits = field(default_factory=RunLimits)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    kind: Literal["llm"] = "llm"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model) and len(self.model) <= 150, "model must have 1-150 characters")
+        _check(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS),
+               f"task_kinds must be among {', '.join(TASK_KINDS)}")
+        for kind in self.task_kinds:
+            _check(kind in self.rubric.templates,
+                   f"rubric {self.rubric.name} has no template for {kind} tasks")
+        _check_choice(self.on_inconsistent, ("tie", "human"), "on_inconsistent")
+        _check_choice(self.structured_output, ("auto", "json_schema", "json_object", "off"),
+                      "structured_output")
+        _check(1 <= self.listwise_shuffles <= 24, "listwise_shuffles must be between 1 and 24")
+        _check(0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2")
+        _check(16 <= self.max_tokens <= 32_768, "max_tokens must be between 16 and 32768")
+        _check(self.price_input_per_mtok >= 0 and self.price_output_per_mtok >= 0,
+               "prices must be >= 0")
+        _check(all(isinstance(p, str) and p.strip() for p in self.constitution),
+               "constitution must be a list of non-empty strings")
+
+    @property
+    def annotator_name(self) -> str:
+        return self.name or f"ai:{self.model}:{self.rubric.name}@{self.rubric.version}"
+
+    @property
+    def rubric_version(self) -> str:
+        return f"{self.rubric.name}@{self.rubric.version}"
+
+    def identity(self) -> dict[str, Any]:
+        """What the annotator row records; a change here under the same name is refused."""
+        return {
+            "kind": "llm", "model": self.model, "rubric": self.rubric.name,
+            "rubric_version": self.rubric.version, "rubric_sha256": self.rubric.sha256,
+            "constitution": list(self.constitution), "both_orders": self.both_orders,
+            "on_inconsistent": self.on_inconsistent, "listwise_shuffles": self.listwise_shuffles,
+            "temperature": self.temperature, "seed": self.seed,
+        }
+
+
+CheckType = Literal["regex", "format", "answer_match", "length", "json_valid"]
+CHECK_TYPES: tuple[str, ...] = ("regex", "format", "answer_match", "length", "json_valid")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """One rule check; which fields apply depends on `type` (see feedback/rules.py)."""
+
+    type: CheckType
+    weight: float = 1.0
+    pattern: str | None = None
+    """regex: the pattern that must (or must not) match; format: the whole-response pattern."""
+    must_match: bool = True
+    mode: Literal["exact", "numeric"] = "exact"
+    """answer_match: compare as normalised strings or as numbers."""
+    extract: str | None = None
+    """answer_match: regex whose group 1 is the answer (default: the whole response)."""
+    tolerance: float = 1e-6
+    """answer_match numeric: absolute tolerance."""
+    min_chars: int = 0
+    max_chars: int | None = None
+    required_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice(self.type, CHECK_TYPES, "check type")
+        _check(self.weight > 0, "check weight must be positive")
+        _check_choice(self.mode, ("exact", "numeric"), "answer_match mode")
+        if self.type == "regex":
+            _check(bool(self.pattern), "a regex check needs a pattern")
+        if self.type == "length":
+            _check(self.min_chars >= 0 and (self.max_chars is None or
+                                            self.max_chars >= self.min_chars),
+                   "length check needs 0 <= min_chars <= max_chars")
+        for pattern in (self.pattern, self.extract):
+            if pattern is not None:
+                import re
+
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"bad regex {pattern!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RuleJudgeConfig:
+    """A model-free judge: weighted rule checks, score in [0, 1] per response."""
+
+    name: str
+    checks: tuple[CheckConfig, ...]
+    version: str = "1"
+    pass_threshold: float = 0.5
+    """binary: up when the score reaches it; pairwise: both below it is both_bad."""
+    task_kinds: tuple[str, ...] = TASK_KINDS
+    limits: RunLimits = field(default_factory=RunLimits)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    kind: Literal["rule"] = "rule"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and ":" not in self.name, "rule judge name must be non-empty, "
+               "without ':'")
+        _check(bool(self.checks), "a rule judge needs at least one check")
+        _check(0.0 <= self.pass_threshold <= 1.0, "pass_threshold must be in [0, 1]")
+        _check(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS),
+               f"task_kinds must be among {', '.join(TASK_KINDS)}")
+
+    @property
+    def annotator_name(self) -> str:
+        return f"rule:{self.name}@{self.version}"
+
+    @property
+    def rubric_version(self) -> str:
+        return self.version
+
+    @property
+    def model(self) -> str | None:
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "rule", "checks": [dataclasses.asdict(c) for c in self.checks],
+                "pass_threshold": self.pass_threshold}
+
+
+@dataclass(frozen=True)
+class RewardModelJudgeConfig:
+    """A judge that scores responses with a trained scalar reward model (a Hugging Face
+    `AutoModelForSequenceClassification` folder with one label, as `prefloop train rm` saves)."""
+
+    name: str
+    model_path: str
+    version: str = "1"
+    tie_margin: float = 0.0
+    """pairwise: |r_a - r_b| <= tie_margin is a tie."""
+    binary_threshold: float = 0.0
+    """binary: reward >= threshold is up."""
+    max_length: int = 2048
+    """Tokens kept per (prompt, response); longer inputs keep their end."""
+    task_kinds: tuple[str, ...] = TASK_KINDS
+    limits: RunLimits = field(default_factory=RunLimits)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    kind: Literal["reward_model"] = "reward_model"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and ":" not in self.name, "reward model judge name must be "
+               "non-empty, without ':'")
+        _check(bool(self.model_path), "model_path is required")
+        _check(self.tie_margin >= 0, "tie_margin must be >= 0")
+        _check(16 <= self.max_length <= 131_072, "max_length must be between 16 and 131072")
+        _check(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS),
+               f"task_kinds must be among {', '.join(TASK_KINDS)}")
+
+    @property
+    def annotator_name(self) -> str:
+        return f"rm:{self.name}@{self.version}"
+
+    @property
+    def rubric_version(self) -> str:
+        return self.version
+
+    @property
+    def model(self) -> str | None:
+        return self.model_path
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "reward_model", "model_path": self.model_path,
+                "tie_margin": self.tie_margin, "binary_threshold": self.binary_threshold,
+                "max_length": self.max_length}
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Several judges on the same tasks, combined by majority or weighted vote."""
+
+    name: str
+    members: tuple[JudgeConfig, ...]
+    weights: tuple[float, ...]
+    method: Literal["majority", "weighted"] = "majority"
+    version: str = "1"
+    task_kinds: tuple[str, ...] = TASK_KINDS
+    limits: RunLimits = field(default_factory=RunLimits)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    kind: Literal["ensemble"] = "ensemble"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and ":" not in self.name, "ensemble name must be non-empty, "
+               "without ':'")
+        _check(len(self.members) >= 2, "an ensemble needs at least two members")
+        _check(len(self.weights) == len(self.members), "weights must match members")
+        _check(all(w > 0 for w in self.weights), "weights must be positive")
+        _check_choice(self.method, ("majority", "weighted"), "method")
+        names = [m.annotator_name for m in self.members]
+        _check(len(set(names)) == len(names), "ensemble members must be distinct judges")
+        _check(not any(isinstance(m, EnsembleConfig) for m in self.members),
+               "ensembles cannot be nested")
+
+    @property
+    def annotator_name(self) -> str:
+        return f"ensemble:{self.name}@{self.version}"
+
+    @property
+    def rubric_version(self) -> str:
+        return self.version
+
+    @property
+    def model(self) -> str | None:
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "ensemble", "members": [m.annotator_name for m in self.members],
+                "weights": list(self.weights), "method": self.method}
+
+
+JudgeConfig = LLMJudgeConfig | RuleJudgeConfig | RewardModelJudgeConfig | EnsembleConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _dataclass_from(cls: type, data: Mapping[str, Any], what: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _tuple(value: Any, what: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{what} must be a list")
+    return tuple(value)
+
+
+def judge_config_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None,
+                           _depth: int = 0) -> JudgeConfig:
+    """Build and validate a judge config; relative file paths resolve against `base_dir`."""
+    base_dir = base_dir or Path.cwd()
+    data = dict(data)
+    kind = data.pop("kind", "llm")
+    limits = _dataclass_from(RunLimits, data.pop("limits", {}) or {}, "limits")
+    routing = _dataclass_from(RoutingConfig, data.pop("routing", {}) or {}, "routing")
+    if "task_kinds" in data:
+        data["task_kinds"] = _tuple(data["task_kinds"], "task_kinds")
+    if kind == "llm":
+        rubric_ref = data.pop("rubric", "default_v1")
+        if not isinstance(rubric_ref, str):
+            raise ConfigError("rubric must be a builtin rubric name or a file path")
+        data["rubric"] = load_rubric(rubric_ref, base_dir=base_dir)
+        principles = list(_tuple(data.pop("constitution", None), "constitution"))
+        constitution_file = data.pop("constitution_file", None)
+        if constitution_file is not None:
+            path = base_dir / str(constitution_file)
+            if not path.is_file():
+                raise ConfigError(f"constitution_file {path} does not exist")
+            principles += [line.strip().lstrip("-*").strip()
+                           for line in path.read_text(encoding="utf-8").splitlines()
+                           if line.strip() and not line.lstrip().startswith("#")]
+        data["constitution"] = tuple(principles)
+        return _dataclass_from(LLMJudgeConfig, {**data, "limits": limits, "routing": routing},
+                               "llm judge")
+    if kind == "rule":
+        checks = tuple(
+            _dataclass_from(CheckConfig, {**c, "required_keys": _tuple(
+                c.get("required_keys"), "required_keys")}, f"checks[{i}]")
+            for i, c in enumerate(_tuple(data.pop("checks", None), "checks"))
+        )
+        return _dataclass_from(RuleJudgeConfig, {**data, "checks": checks, "limits": limits,
+                                                 "routing": routing}, "rule judge")
+    if kind == "reward_model":
+        model_path = data.get("model_path")
+        if (isinstance(model_path, str) and not Path(model_path).is_absolute()
+                and (base_dir / model_path).exists()):
+            data["model_path"] = str((base_dir / model_path).resolve())
+        return _dataclass_from(RewardModelJudgeConfig, {**data, "limits": limits,
+                                                        "routing": routing}, "reward model judge")
+    if kind == "ensemble":
+        if _depth:
+            raise ConfigError("ensembles cannot be nested")
+        members = []
+        for i, member in enumerate(_tuple(data.pop("members", None), "members")):
+            if isinstance(member, str):
+                members.append(load_judge_config(base_dir / member, _depth=_depth + 1))
+            elif isinstance(member, dict):
+                members.append(judge_config_from_dict(member, base_dir=base_dir,
+                                                      _depth=_depth + 1))
+            else:
+                raise ConfigError(f"members[{i}] must be a file path or a table")
+        weights = _tuple(data.pop("weights", None), "weights") or (1.0,) * len(members)
+        return _dataclass_from(EnsembleConfig, {**data, "members": tuple(members),
+                                                "weights": tuple(float(w) for w in weights),
+                                                "limits": limits, "routing": routing},
+                               "ensemble")
+    raise ConfigError(f"kind must be llm, rule, reward_model or ensemble, not {kind!r}")
+
+
+def load_judge_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
+                      _depth: int = 0) -> JudgeConfig:
+    """Read a .toml or .json judge config; `overrides` replace top-level keys (e.g. from flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"judge config {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a table/object")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if "." in key:  # e.g. limits.concurrency
+            section, sub = key.split(".", 1)
+            data[section] = {**(data.get(section) or {}), sub: value}
+        else:
+            data[key] = value
+    return judge_config_from_dict(data, base_dir=path.parent, _depth=_depth)
