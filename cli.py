@@ -224,6 +224,12 @@ def export_command(
     pairs_as_unpaired: Annotated[bool, typer.Option(
         help="trl-unpaired: also write each preference pair as a desirable and an "
         "undesirable row (for KTO).")] = False,
+    min_judge_agreement: Annotated[float, typer.Option(
+        help="Drop AI/rule labels whose judge's calibrated agreement with humans is below "
+        "this (uncalibrated judges count as 0); see `prefloop judge calibrate`.")] = 0.0,
+    weight_ai_by_agreement: Annotated[bool, typer.Option(
+        help="Weighted majority: a human label weighs 1, an AI/rule label its judge's "
+        "calibrated agreement.")] = False,
 ) -> None:
     """Export aggregated labels as a training file plus FILE.manifest.json."""
     from store.errors import StoreError
@@ -233,6 +239,8 @@ def export_command(
         filters = ExportFilters(
             sources=tuple(source or ["all"]), min_agreement=min_agreement, dataset=dataset,
             split=split, round_id=round_id, pairs_as_unpaired=pairs_as_unpaired,
+            min_judge_agreement=min_judge_agreement,
+            weight_ai_by_agreement=weight_ai_by_agreement,
         )
         db = open_database()
         result = export_jsonl(db, format=format, out=out, filters=filters)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from sqlmodel import Session, col, select
 
 from store import repo
+from store.calibration import label_weight, latest_agreements
 from store.db import Database
 from store.errors import InvalidInput
 from store.models import (
@@ -65,6 +66,11 @@ class ExportFilters:
     round_id: int | None = None
     # trl-unpaired: also turn each preference pair into a desirable + an undesirable row (KTO).
     pairs_as_unpaired: bool = False
+    # Drop AI/rule labels whose judge agrees with humans less than this (judge calibration);
+    # a judge never calibrated counts as 0. Human labels are never dropped by it.
+    min_judge_agreement: float = 0.0
+    # Weighted majority: a human label weighs 1, an AI/rule label its judge's agreement.
+    weight_ai_by_agreement: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.sources) - set(SOURCES)
@@ -72,6 +78,11 @@ class ExportFilters:
             raise InvalidInput(f"source must be among {', '.join(SOURCES)}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise InvalidInput("min_agreement must be between 0 and 1")
+        if not 0.0 <= self.min_judge_agreement <= 1.0:
+            raise InvalidInput("min_judge_agreement must be between 0 and 1")
+
+    def uses_calibration(self) -> bool:
+        return self.min_judge_agreement > 0 or self.weight_ai_by_agreement
 
     def annotator_kinds(self) -> set[AnnotatorKind]:
         if "all" in self.sources:
@@ -83,24 +94,31 @@ class ExportFilters:
 # Aggregation: pure functions
 
 
-def majority(votes: Sequence[str]) -> tuple[str | None, float]:
-    """The most common vote and the share of votes that agree with it.
+def majority(votes: Sequence[str], weights: Sequence[float] | None = None
+             ) -> tuple[str | None, float]:
+    """The vote with the most (weighted) support and the share of the weight behind it.
 
     A tie at the top has no majority: (None, top share).
     """
     if not votes:
         return None, 0.0
-    counts = Counter(votes).most_common()
-    top = counts[0][1]
-    if len(counts) > 1 and counts[1][1] == top:
-        return None, top / len(votes)
-    return counts[0][0], top / len(votes)
+    totals: dict[str, float] = defaultdict(float)
+    for vote, weight in zip(votes, weights or [1.0] * len(votes), strict=True):
+        totals[vote] += weight
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    total, top = sum(totals.values()), ranked[0][1]
+    if len(ranked) > 1 and abs(ranked[1][1] - top) <= 1e-12 * max(1.0, top):
+        return None, top / total
+    return ranked[0][0], top / total
 
 
-def aggregate_ranks(rankings: Sequence[Sequence[int]]) -> list[int]:
-    """Dense ranks of the mean rank per position (Borda-style); equal means tie."""
-    k = len(rankings[0])
-    means = [sum(r[i] for r in rankings) / len(rankings) for i in range(k)]
+def aggregate_ranks(rankings: Sequence[Sequence[int]],
+                    weights: Sequence[float] | None = None) -> list[int]:
+    """Dense ranks of the (weighted) mean rank per position (Borda-style); equal means tie."""
+    weights = weights or [1.0] * len(rankings)
+    k, total = len(rankings[0]), sum(weights)
+    means = [round(sum(w * r[i] for r, w in zip(rankings, weights, strict=True)) / total, 9)
+             for i in range(k)]
     distinct = sorted(set(means))
     return [distinct.index(m) + 1 for m in means]
 
@@ -124,9 +142,17 @@ class _TaskData:
     prompt: Prompt
     completions: list[Completion]  # canonical order
     labels: list[Label] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # one per label
+
+    def choices(self) -> list[str]:
+        return [label.choice or "" for label in self.labels]
+
+    def rankings(self) -> list[list[int]]:
+        return [label.ranks or [] for label in self.labels]
 
 
-def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters) -> list[_TaskData]:
+def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
+          counts: Counter[str], judge_agreements: dict[str, float | None]) -> list[_TaskData]:
     query = (
         select(Task, Prompt)
         .join(Prompt, col(Prompt.id) == col(Task.prompt_id))
@@ -152,7 +178,7 @@ def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters) -
     for item, completion in items:
         tasks[item.task_id].completions.append(completion)
     labels = session.exec(
-        select(Label)
+        select(Label, Annotator.kind)
         .join(Annotator, col(Annotator.id) == col(Label.annotator_id))
         .where(
             col(Label.task_id).in_(ids),
@@ -161,8 +187,21 @@ def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters) -
         )
         .order_by(col(Label.task_id), col(Label.id))
     ).all()
-    for label in labels:
+    agreements = latest_agreements(session=session) if filters.uses_calibration() else {}
+    for label, kind in labels:
+        weight = 1.0
+        if filters.uses_calibration():
+            weight = label_weight(AnnotatorKind(kind), label.annotator_id, agreements,
+                                  min_agreement=filters.min_judge_agreement)
+            if weight == 0.0:
+                counts["labels_dropped_judge_agreement"] += 1
+                continue
+            if not filters.weight_ai_by_agreement:
+                weight = 1.0
+            if kind != AnnotatorKind.human:
+                judge_agreements[str(label.annotator_id)] = agreements[label.annotator_id]
         tasks[label.task_id].labels.append(label)
+        tasks[label.task_id].weights.append(weight)
     return [data for data in tasks.values() if data.labels]
 
 
@@ -191,7 +230,7 @@ class _Pair:
 def _pairs(data: _TaskData, counts: Counter[str]) -> list[_Pair]:
     """The preference pairs a task yields after aggregation (see module docstring)."""
     if data.task.kind == TaskKind.pairwise:
-        winner, agreement = majority([label.choice or "" for label in data.labels])
+        winner, agreement = majority(data.choices(), data.weights)
         if winner is None:
             counts["skipped_no_majority"] += 1
             return []
@@ -201,12 +240,12 @@ def _pairs(data: _TaskData, counts: Counter[str]) -> list[_Pair]:
         chosen = 0 if winner == "a" else 1
         return [_Pair(data, chosen, 1 - chosen, 1.0, agreement)]
     # listwise
-    rankings = [label.ranks for label in data.labels if label.ranks]
+    rankings = data.rankings()
     k = len(data.completions)
     weight = 1.0 / comb(k, 2)
     pairs = []
     for i, j in combinations(range(k), 2):
-        winner, agreement = majority(pair_votes(rankings, i, j))
+        winner, agreement = majority(pair_votes(rankings, i, j), data.weights)
         if winner is None:
             counts["skipped_no_majority"] += 1
         elif winner == "tie":
@@ -222,10 +261,16 @@ def _base(data: _TaskData) -> dict[str, Any]:
             "n_labels": len(data.labels)}
 
 
-def build_rows(
-    session: Session, format: ExportFormat, filters: ExportFilters
-) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """The export's rows, in order, and counts of what was kept and skipped."""
+@dataclass
+class BuiltExport:
+    rows: list[dict[str, Any]]
+    counts: Counter[str]
+    # judge annotator id -> the calibrated agreement used to weight or filter its labels
+    judge_agreements: dict[str, float | None]
+
+
+def build_rows(session: Session, format: ExportFormat, filters: ExportFilters) -> BuiltExport:
+    """The export's rows, in order, counts of what was kept and skipped, judge weights used."""
     if format not in KINDS_FOR_FORMAT:
         raise InvalidInput(f"unknown export format {format!r}; use one of "
                            f"{', '.join(EXPORT_FORMATS)}")
@@ -234,6 +279,7 @@ def build_rows(
         kinds = (TaskKind.pairwise, TaskKind.listwise, TaskKind.binary)
     counts: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
+    judge_agreements: dict[str, float | None] = {}
 
     def keep(agreement: float) -> bool:
         if agreement + 1e-12 < filters.min_agreement:
@@ -241,13 +287,13 @@ def build_rows(
             return False
         return True
 
-    for data in _load(session, kinds, filters):
+    for data in _load(session, kinds, filters, counts, judge_agreements):
         counts[f"tasks_{data.task.kind.value}"] += 1
         counts["labels_used"] += len(data.labels)
         prompt = data.prompt.content
         completion = [_as_completion(prompt, c.content) for c in data.completions]
         if data.task.kind == TaskKind.binary:
-            winner, agreement = majority([label.choice or "" for label in data.labels])
+            winner, agreement = majority(data.choices(), data.weights)
             if winner is None:
                 counts["skipped_no_majority"] += 1
                 continue
@@ -261,10 +307,10 @@ def build_rows(
                 rows.append({"prompt": prompt, "completion": completion[0], **_base(data)})
             continue
         if format == "listwise":
-            rankings = [label.ranks for label in data.labels if label.ranks]
-            ranks = aggregate_ranks(rankings)
+            rankings = data.rankings()
+            ranks = aggregate_ranks(rankings, data.weights)
             k = len(ranks)
-            pair_agreement = [majority(pair_votes(rankings, i, j))[1]
+            pair_agreement = [majority(pair_votes(rankings, i, j), data.weights)[1]
                               for i, j in combinations(range(k), 2)]
             agreement = sum(pair_agreement) / len(pair_agreement)
             if keep(agreement):
@@ -274,17 +320,19 @@ def build_rows(
         if format == "sft":
             # The winner of a pairwise task; the aggregated best of a listwise one.
             if data.task.kind == TaskKind.pairwise:
-                winner, agreement = majority([label.choice or "" for label in data.labels])
+                winner, agreement = majority(data.choices(), data.weights)
                 best = {"a": [0], "b": [1]}.get(winner or "", [])
                 if not best:
                     counts["skipped_no_winner"] += 1
                     continue
             else:
-                rankings = [label.ranks for label in data.labels if label.ranks]
-                ranks = aggregate_ranks(rankings)
+                rankings = data.rankings()
+                ranks = aggregate_ranks(rankings, data.weights)
                 best = [i for i, r in enumerate(ranks) if r == 1]
-                agreement = sum(1 for r in rankings if all(r[i] == min(r) for i in best)) / len(
-                    rankings)
+                # The (weighted) share of rankings that put every aggregated-best completion first.
+                agreeing = sum(w for r, w in zip(rankings, data.weights, strict=True)
+                               if all(r[i] == 1 for i in best))
+                agreement = agreeing / sum(data.weights)
             if keep(agreement):
                 rows.extend({"prompt": prompt, "completion": completion[i], **_base(data)}
                             for i in best)
@@ -302,7 +350,7 @@ def build_rows(
                                  "label": desirable, "weight": pair.weight,
                                  "agreement": pair.agreement, **_base(data)})
     counts["rows"] = len(rows)
-    return rows, counts
+    return BuiltExport(rows, counts, dict(sorted(judge_agreements.items())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +397,8 @@ def export_jsonl(
         if not db.is_sqlite:
             # One consistent view across the several queries, as SQLite's read transaction is.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        rows, counts = build_rows(session, format, filters)
+        built = build_rows(session, format, filters)
+    rows, counts = built.rows, built.counts
     payload = "".join(
         json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows
     ).encode("utf-8")
@@ -367,6 +416,7 @@ def export_jsonl(
         "sha256": digest, "format": format, "filters": filters_dict, "counts": counts_dict,
         "rows": len(rows), "created_at": datetime.now(UTC).isoformat(),
         "prefloop_version": __version__, "snapshot_id": snapshot_id, "database": db.url,
+        "judge_agreements": built.judge_agreements,
     }
     manifest_path = manifest_path_for(out)
     _write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -10,7 +10,7 @@ from sqlmodel import func, select
 from store.errors import InvalidInput
 from store.exporting import ExportFilters, export_jsonl, majority, manifest_path_for
 from store.importing import ImportRejected, import_jsonl
-from store.models import AnnotatorKind, Completion, Label, Prompt, Task
+from store.models import Annotator, AnnotatorKind, Completion, Label, Prompt, Task
 from store.values import sha256_hex
 
 
@@ -239,3 +239,49 @@ def test_bad_filters_and_formats_are_refused(db, tmp_path):
     with pytest.raises(InvalidInput):
         export_jsonl(db, format="csv", out=tmp_path / "x")  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
+
+
+def test_ai_labels_can_be_weighted_or_filtered_by_their_judges_calibrated_agreement(db, tmp_path):
+    from store.calibration import record_calibration
+
+    rows = [{"prompt": "p", "chosen": "x", "rejected": "y", "annotator": "alice"}] + [
+        {"prompt": "p", "chosen": "y", "rejected": "x", "annotator": name, "annotator_kind": "ai"}
+        for name in ("good-judge", "weak-judge", "new-judge")]
+    import_jsonl(db, write_jsonl(tmp_path / "in.jsonl", rows), format="pairwise")
+    with db.write() as s:
+        ids = {a.name: a.id for a in s.exec(select(Annotator))}
+        record_calibration(session=s, annotator_id=ids["good-judge"], n_tasks=50,
+                           metrics={"agreement": 0.9})
+        record_calibration(session=s, annotator_id=ids["weak-judge"], n_tasks=50,
+                           metrics={"agreement": 0.3})
+
+    def export(**kw):
+        result = export_jsonl(db, format="trl-preference", out=tmp_path / "o.jsonl",
+                              filters=ExportFilters(**kw))
+        manifest = json.loads(result.manifest_path.read_text())
+        rows = [(r["chosen"], round(r["agreement"], 6), r["n_labels"])
+                for r in read_jsonl(result.path)]
+        return rows, result.counts, manifest["judge_agreements"]
+
+    # Plain majority: three judges outvote the human.
+    assert export()[0] == [("y", 0.75, 4)]
+    # Weighted: human 1.0 vs judges 0.9 + 0.3 (the uncalibrated judge weighs nothing).
+    rows_w, counts_w, used = export(weight_ai_by_agreement=True)
+    assert rows_w == [("y", round(1.2 / 2.2, 6), 3)]
+    assert counts_w["labels_dropped_judge_agreement"] == 1
+    assert used == {str(ids["good-judge"]): 0.9, str(ids["weak-judge"]): 0.3}
+    # Filtered at 0.5: the weak and the uncalibrated judge go; 1 vs 1 has no majority.
+    rows_f, counts_f, _ = export(min_judge_agreement=0.5)
+    assert rows_f == [] and counts_f["skipped_no_majority"] == 1
+    # Both: the human (1.0) outweighs the one judge left (0.9).
+    assert export(min_judge_agreement=0.5, weight_ai_by_agreement=True)[0] == [
+        ("x", round(1 / 1.9, 6), 2)]
+
+
+def test_weighted_majority_and_ranks():
+    assert majority(["a", "b", "b"], [3.0, 1.0, 1.0]) == ("a", 0.6)
+    assert majority(["a", "b"], [0.5, 0.5]) == (None, 0.5)
+    from store.exporting import aggregate_ranks
+
+    assert aggregate_ranks([[1, 2, 3], [3, 2, 1]], [3.0, 1.0]) == [1, 2, 3]
+    assert aggregate_ranks([[1, 2, 3], [3, 2, 1]]) == [1, 1, 1]
