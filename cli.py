@@ -46,8 +46,11 @@ STATE = _State()
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # Text, not markup: a message may contain brackets (paths, JSON); soft_wrap keeps it on
+    # one line for whoever greps the output.
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), message))
     return typer.Exit(code)
 
 

