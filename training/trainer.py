@@ -498,6 +498,14 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _init_deepspeed(config: TrainConfig, model: torch.nn.Module, total_steps: int) -> Any:
     """Wrap the model in a DeepSpeed engine (single process works on CPU with gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # Batches are not yet split across ranks, and every rank would write the same checkpoint
+        # folder: refuse rather than train each rank on everything.
+        raise TrainingError(
+            f"WORLD_SIZE={world_size}: multi-process DeepSpeed runs are not supported yet "
+            "(the data loader does not shard by rank); run one process per training job"
+        )
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)  # otherwise DeepSpeed falls back to MPI discovery

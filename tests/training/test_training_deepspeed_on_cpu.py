@@ -64,3 +64,16 @@ def test_deepspeed_zero2_resume_equals_uninterrupted(preference_file, tiny_model
     wa, wb = weights(straight.model_dir), weights(resumed.model_dir)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
+
+
+def test_multi_process_deepspeed_is_refused_before_any_compute(monkeypatch, tmp_path):
+    """Until batches are sharded by rank, a multi-rank launch must fail loudly, not train every
+    rank on all the data and race on one checkpoint folder."""
+    from training.config import load_config
+    from training.trainer import TrainingError, _init_deepspeed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = load_config("dpo", None, ["data=x.jsonl", "model=m", f"out={tmp_path}",
+                                       "deepspeed=zero2"])
+    with pytest.raises(TrainingError, match="WORLD_SIZE=2"):
+        _init_deepspeed(config, model=None, total_steps=1)  # type: ignore[arg-type]
