@@ -1,6 +1,7 @@
 """Settings from the environment (`PREFLOOP_*`), built on demand, never at import.
 
     PREFLOOP_DB_URL=postgresql://user@host/db prefloop db upgrade
+    PREFLOOP_LEASE_TTL_S=300 PREFLOOP_GOLD_RATE=0.1 prefloop up --port 8000
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("prefloop-data")
 
+DEFAULT_GUIDELINES = """\
+**Pick the better response** for the person who wrote the prompt: correct first, then helpful,
+then clear and concise. Judge the content, not the length or the position on the screen.
+
+- *Tie*: both are about equally good. *Both bad*: neither is acceptable.
+- Listwise: give each response a rank (1 = best); equal ranks are ties.
+- Binary: thumbs up if you would be happy to receive the response as it is.
+- Not sure, or the task is broken? Skip it.
+"""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_", frozen=True, extra="ignore")
@@ -24,6 +35,41 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         default="FULL", description="FULL: acknowledged labels survive power loss; NORMAL: only "
         "a process crash, but writes are faster.")
+
+    # Assignment
+    overlap: int = Field(default=1, ge=1, le=50, description="Distinct annotators per task "
+                         "(tasks created through the API without an explicit overlap).")
+    lease_ttl_s: float = Field(default=600.0, gt=0, description="How long a task stays with "
+                               "the annotator it was given to before it is offered again.")
+    gold_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of offers that "
+                             "are gold tasks (when there are any left for the annotator).")
+    undo_grace_s: float = Field(default=60.0, ge=0, description="How long after submitting "
+                                "an annotator may undo a label.")
+
+    # Accounts and sessions
+    token_ttl_days: float = Field(default=90.0, gt=0, description="Lifetime of API tokens "
+                                  "made by `prefloop users add`.")
+    session_ttl_hours: float = Field(default=12.0, gt=0, description="Lifetime of a browser "
+                                     "login session.")
+    secure_cookies: bool = Field(default=False, description="Send the session cookie only over "
+                                 "HTTPS (turn on behind a TLS proxy).")
+
+    # Abuse limits
+    login_attempts: int = Field(default=10, ge=1, description="Failed logins allowed per "
+                                "account and per client address in login_window_s.")
+    login_window_s: float = Field(default=900.0, gt=0)
+    submit_rate_per_s: float = Field(default=5.0, gt=0, description="Sustained label submits "
+                                     "per second allowed per annotator.")
+    submit_burst: int = Field(default=20, ge=1, description="Submits an annotator may make at "
+                              "once before the sustained rate applies.")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest request "
+                                "body accepted (413 beyond).")
+
+    ui_concurrency: int = Field(default=16, ge=1, le=256, description="Labeling UI events "
+                                "handled at once (per event type).")
+
+    guidelines: str = Field(default=DEFAULT_GUIDELINES, description="Markdown shown in the "
+                            "labeling UI's guidelines panel.")
 
     def resolved_db_url(self) -> str:
         if self.db_url:

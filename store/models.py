@@ -328,3 +328,27 @@ class JudgeCalibration(SQLModel, table=True):
     # agreement, cohen_kappa, position_consistency, first_position_win_rate, ...
     metrics: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class TaskQueueEntry(SQLModel, table=True):
+    """Assignment's index of tasks (store/assignment.py keeps it): one row per task, with
+    `full` set once the task's slots are all taken, so picking the next task scans only tasks
+    that may still need labels instead of every task ever created.
+
+    `full` is a hint, never the truth: a candidate's slots are re-counted before it is leased,
+    and a row found wrong is corrected. Rows are added lazily for tasks created elsewhere
+    (imports, the API) and rebuilt by `assignment.sync_queue(full=True)`.
+    """
+
+    __tablename__ = "task_queue"
+    __table_args__ = (
+        # Scanned in order: highest priority first (minus_priority ascending), oldest first.
+        Index("ix_task_queue_pick", "kind", "gold", "full", "minus_priority", "task_id"),
+    )
+
+    task_id: int = Field(foreign_key="task.id", primary_key=True, sa_column_kwargs={
+        "autoincrement": False})
+    kind: TaskKind = Field(sa_column=_enum_column(TaskKind, nullable=False))
+    gold: bool = False
+    minus_priority: int = 0
+    full: bool = False

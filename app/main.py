@@ -1,0 +1,221 @@
+"""The prefloop web service: `create_app(settings)` builds the FastAPI app.
+
+One process serves the REST API (/api), the labeling UI (Gradio, /label), the admin view
+(/admin), the login page (/login), /healthz and the OpenAPI docs (/docs). Nothing is built at
+import; `prefloop up` (app/commands.py) opens the store and runs this under uvicorn:
+
+    prefloop users add ana --role admin       # prints ana's API token
+    prefloop up --port 8000                   # then open http://127.0.0.1:8000/label/
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import user_from_request
+from app.ratelimit import FailureWindow, TokenBucket
+from app.schemas import Health
+from app.settings import Settings, get_settings
+from store import __version__
+from store.db import Database
+from store.errors import StoreError
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+class BodyLimit:
+    """413 for request bodies over `limit` bytes, by Content-Length or by counting the stream
+    (Starlette has no body limit of its own)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _send_json(send, 413, f"request body over {self.limit} bytes")
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_json(send, 413, f"request body over {self.limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestContext:
+    """A request id per request (echoed as X-Request-ID, recorded in the audit trail) and
+    security headers on every response."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                present = {name.lower() for name, _ in headers}
+                headers += [h for h in SECURITY_HEADERS if h[0] not in present]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class AreaGate:
+    """Everything under /label needs a logged-in account and /admin an admin, checked before
+    Gradio sees the request (some Gradio endpoints do not check auth themselves). Other paths
+    pass straight through."""
+
+    def __init__(self, app: ASGIApp, db: Database):
+        self.app, self.db = app, db
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        area = "admin" if path.startswith("/admin") else "label" if path.startswith(
+            "/label") else None
+        if scope["type"] not in ("http", "websocket") or area is None:
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        user = await run_in_threadpool(user_from_request, connection, self.db)
+        response: Any = None
+        if user is None:
+            wants_page = scope.get("method") == "GET" and "text/html" in connection.headers.get(
+                "accept", "")
+            response = (RedirectResponse(f"/login?next=/{area}/", status_code=303) if wants_page
+                        else JSONResponse({"detail": "not authenticated"}, status_code=401))
+        elif area == "admin" and not user.is_admin:
+            response = JSONResponse({"detail": "this needs an admin account"}, status_code=403)
+        if response is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None,
+               with_ui: bool = True) -> FastAPI:
+    """The app for these settings; `db` is the store to use (built from settings if absent,
+    and then disposed of at shutdown)."""
+    settings = settings or get_settings()
+    owns_db = db is None
+    store = db or Database.from_url(settings.resolved_db_url(),
+                                    sqlite_synchronous=settings.sqlite_synchronous)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_db:
+            store.dispose()
+
+    app = FastAPI(title="prefloop", version=__version__, lifespan=lifespan,
+                  description="Preference labeling service: tasks, labels, accounts.")
+    app.state.settings = settings
+    app.state.db = store
+    app.state.submit_limiter = TokenBucket(settings.submit_rate_per_s, settings.submit_burst)
+    app.state.login_limiter = FailureWindow(settings.login_attempts, settings.login_window_s)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(OperationalError)
+    async def busy(_request: Request, exc: OperationalError) -> JSONResponse:
+        # Contention that outlasted the retries: tell the client to retry, do not 500.
+        if "locked" not in str(exc).lower():
+            raise exc
+        return JSONResponse({"detail": "the store is busy, retry"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    def healthz() -> Health:
+        """Liveness and readiness: the store answers a query."""
+        with store.read() as session:
+            session.exec(text("select 1"))  # type: ignore[call-overload]
+        return Health(status="ok", database=store.engine.dialect.name)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/label/", status_code=307)
+
+    from app.routes import api, pages
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.add_middleware(AreaGate, db=store)
+    if with_ui:
+        _mount_ui(app, settings, store, app.state.submit_limiter)
+    app.add_middleware(RequestContext)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _mount_ui(app: FastAPI, settings: Settings, store: Database,
+              submit_limiter: TokenBucket) -> None:
+    import gradio as gr
+
+    from app.admin import build_admin
+    from labeling.ui import HEAD, UI_CSS, build_ui
+
+    def username(request: Request) -> str | None:
+        user = getattr(request.state, "user", None)
+        return user.name if user is not None else None
+
+    gr.mount_gradio_app(app, build_ui(store, settings, submit_limiter), path="/label",
+                        auth_dependency=username, css=UI_CSS, head=HEAD, footer_links=[],
+                        ssr_mode=False)
+    gr.mount_gradio_app(app, build_admin(store), path="/admin", auth_dependency=username,
+                        footer_links=[], ssr_mode=False)
