@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, exists, false, func, or_, update
+from sqlalchemy import and_, exists, false, func, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -67,8 +67,7 @@ def _aware(moment: datetime) -> datetime:
 
 
 def is_gold_clause() -> Any:
-    # JSON columns keep Python None as the JSON literal null, not SQL NULL.
-    return and_(col(Task.gold).is_not(None), cast(col(Task.gold), Text) != "null")
+    return col(Task.gold).is_not(None)
 
 
 def has_gold(task: Task) -> bool:

@@ -25,6 +25,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _nullable_json() -> Column[Any]:
+    # none_as_null: Python None is stored as SQL NULL, not the JSON literal null, so that
+    # `IS NULL` filters see it (migration 0004 converted the rows written before).
+    return Column(JSON(none_as_null=True))
+
+
 def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Column[Any]:
     # Stored as VARCHAR + CHECK rather than a native PostgreSQL ENUM: adding a value later is
     # then an ordinary batch migration on both databases.
@@ -83,7 +89,7 @@ class Annotator(SQLModel, table=True):
     # AI judges: the model and the rubric (prompt template) version; rules: checker + version.
     model: str | None = Field(default=None, max_length=200)
     rubric_version: str | None = Field(default=None, max_length=100)
-    config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    config: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     active: bool = True
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -115,8 +121,8 @@ class Round(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     algo: str = Field(max_length=20)
     state: str = Field(default="collect", max_length=20)
-    config: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    config: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -159,7 +165,7 @@ class Completion(SQLModel, table=True):
     content_hash: str = Field(max_length=64)
     origin: str = Field(max_length=250)
     policy_version_id: int | None = Field(default=None, foreign_key="policy_version.id")
-    generation: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    generation: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -182,7 +188,7 @@ class Task(SQLModel, table=True):
     # How many distinct human annotators should label it (the project's `overlap`).
     overlap: int = 1
     # Gold tasks carry a known answer (same shape as a label value) to measure annotators.
-    gold: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    gold: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     # Higher first; routing puts judge-disagreement tasks in front of humans.
     priority: int = 0
     source: str | None = Field(default=None, max_length=250)
@@ -227,13 +233,13 @@ class Label(SQLModel, table=True):
         default=LabelStatus.submitted, sa_column=_enum_column(LabelStatus, nullable=False)
     )
     choice: str | None = Field(default=None, max_length=16)
-    ranks: list[int] | None = Field(default=None, sa_column=Column(JSON))
-    ratings: list[float] | None = Field(default=None, sa_column=Column(JSON))
-    shown_order: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    ranks: list[int] | None = Field(default=None, sa_column=_nullable_json())
+    ratings: list[float] | None = Field(default=None, sa_column=_nullable_json())
+    shown_order: list[int] | None = Field(default=None, sa_column=_nullable_json())
     rationale: str | None = Field(default=None, sa_column=Column(Text))
     confidence: float | None = None
     # Judge details (raw verdicts per order, flags), never used to decide the label itself.
-    details: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    details: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     idempotency_key: str | None = Field(default=None, max_length=200)
     request_hash: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
@@ -251,8 +257,8 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=10)
     actor_id: int | None = Field(default=None, foreign_key="annotator.id")
     request_id: str | None = Field(default=None, max_length=100)
-    old: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    new: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    old: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
+    new: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     at: datetime = Field(default_factory=utcnow)
 
 

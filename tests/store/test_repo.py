@@ -227,3 +227,21 @@ def test_deploying_a_policy_retires_the_previous_one(db):
     assert statuses == {"v0": (PolicyStatus.retired, None), "v1": (PolicyStatus.deployed, v0.id)}
     with pytest.raises(Conflict), db.write() as s:
         repo.create_policy_version(session=s, name="v1", base_model="x")
+
+
+def test_absent_json_values_are_sql_null_so_is_null_filters_see_them(db):
+    from store.models import Task
+
+    with db.write() as s:
+        plain = factories.task(s)
+        gold = factories.task(s, TaskKind.binary, prompt="gold?")
+        gold.gold = {"choice": "up"}
+        s.add(gold)
+        alice = factories.annotator(s, "alice")
+        repo.submit_label(session=s, task_id=plain.id, annotator_id=alice.id,
+                          value={"choice": "a"})
+    with db.read() as s:
+        assert s.exec(select(Task.id).where(Task.gold.is_(None))).all() == [plain.id]
+        assert s.exec(select(Task.id).where(Task.gold.is_not(None))).all() == [gold.id]
+        assert s.exec(text("SELECT COUNT(*) FROM label WHERE ranks IS NULL AND details IS NULL "
+                           "AND shown_order IS NULL")).one()[0] == 1
