@@ -20,6 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,24 +81,32 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _build_once(kind: str, name: str, build: Callable[[Path, Path], None]) -> Path:
+    """cache/<kind>/<name>, built once by `build(gguf_path, tmp_dir)` and published by rename."""
+    final = cache_dir() / kind / name
+    if (final / COMPLETE_MARKER).exists():
+        return final
+    gguf = bundled_gguf_path(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    build(gguf, tmp)
+    _publish(tmp, final)
+    return final
+
+
 def convert_bundled_tokenizer(name: str) -> Path:
     """Extract (once) the tokenizer of a bundled model into the cache; returns its folder.
 
     Takes a few seconds the first time (no model weights are read), so test sessions on a fresh
     machine can build a real tokenizer cheaply.
     """
-    final = cache_dir() / "tokenizers" / name
-    if (final / COMPLETE_MARKER).exists():
-        return final
-    from transformers import AutoTokenizer
 
-    gguf = bundled_gguf_path(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(tmp)
-    _publish(tmp, final)
-    return final
+    def build(gguf: Path, tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _build_once("tokenizers", name, build)
 
 
 def convert_bundled_model(name: str) -> Path:
@@ -106,22 +115,18 @@ def convert_bundled_model(name: str) -> Path:
     `GgufConfig(dequantize=True)` is required: without it the model stays tagged as quantised and
     can be neither saved nor fine-tuned (PLATFORM.md section 4). About 15 s for SmolLM2-135M.
     """
-    final = cache_dir() / "models" / name
-    if (final / COMPLETE_MARKER).exists():
-        return final
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = bundled_gguf_path(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-    )
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _publish(tmp, final)
-    return final
+    def build(gguf: Path, tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once("models", name, build)
 
 
 def resolve_model(name_or_path: str) -> str:
