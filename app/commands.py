@@ -5,6 +5,9 @@
     prefloop users token ana                   # a new token for an existing account
     prefloop users revoke ana                  # revoke all of ana's tokens
     prefloop up --host 127.0.0.1 --port 8000
+    prefloop deploy round-2                    # smoke-test, then make it the deployed version
+    prefloop deploy base --weights smollm2-135m-instruct   # register a model folder and deploy
+    prefloop rollback                          # back to the version deployed before
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def up(
     db, settings = _store_and_settings()
     # Rebuild the assignment queue's hints (tasks imported or edited while the app was down).
     db.run_write(lambda s: assignment.sync_queue(session=s, full=True))
-    typer.echo(f"prefloop on http://{host}:{port}/ (store: {db.url}, {workers} worker(s))")
+    typer.echo(f"prefloop on http://{host}:{port}/ (store: {db.url}, {workers} worker(s); "
+               f"policy serving at /v1: {settings.serving})")
     options: dict[str, Any] = {"host": host, "port": port, "log_level": log_level,
                                "access_log": False, "timeout_graceful_shutdown": 5}
     if workers == 1:
@@ -162,6 +166,103 @@ def up(
     uvicorn.run("app.main:create_app", factory=True, workers=workers, **options)
 
 
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def deploy(
+    version: Annotated[str, typer.Argument(help="Policy version id or name.")],
+    weights: Annotated[str | None, typer.Option(
+        help="Register VERSION first with this model folder (or bundled model name) when it "
+        "does not exist yet.")] = None,
+    base_model: Annotated[str | None, typer.Option(
+        help="base_model of a version registered with --weights (default: --weights).")] = None,
+    smoke_timeout: Annotated[float | None, typer.Option(
+        min=0.1, help="Seconds the smoke generation may take (default: "
+        "PREFLOOP_SERVING_SMOKE_TIMEOUT_S, 60).")] = None,
+) -> None:
+    """Smoke-test a policy version in this process (load it, answer the fixed smoke prompt
+    within the timeout), then make it the deployed version. A running `prefloop up` switches
+    to it within its poll interval; nothing changes if the smoke test fails (exit 2)."""
+    from app.deploy import SmokeFailed, prepare
+    from app.serving import ServedPolicy
+    from store import deployments
+    from store.errors import NotFound, StoreError
+
+    db, settings = _store_and_settings()
+    if smoke_timeout is not None:
+        settings = settings.model_copy(update={"serving_smoke_timeout_s": smoke_timeout})
+    if settings.serving == "off":
+        settings = settings.model_copy(update={"serving": "hf"})
+    try:
+        with db.read() as session:
+            policy = deployments.find_policy(session, version)
+    except NotFound:
+        if weights is None:
+            raise _fail(f"no policy version {version!r}; give its id or name, or --weights "
+                        "PATH to register it") from None
+        try:
+            policy = db.run_write(lambda s: deployments.register_policy(
+                s, name=version, base_model=base_model or weights, weights_uri=weights))
+        except StoreError as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(f"registered {policy.name!r} (id {policy.id}) from {weights}")
+    else:
+        if weights is not None and weights != policy.weights_uri:
+            raise _fail(f"{policy.name!r} exists with weights {policy.weights_uri!r}, not "
+                        f"{weights!r}")
+    assert policy.id is not None
+    if policy.status.value == "deployed":
+        typer.echo(f"{policy.name!r} (id {policy.id}) is already the deployed version")
+        return
+    if policy.status.value == "rejected" or not policy.weights_uri:
+        with db.read() as session:
+            reason = deployments.last_reason(session, policy_id=policy.id)
+        raise _fail(f"{policy.name!r} was rejected" + (f" ({reason})" if reason else "")
+                    + "; register the weights again under a new name to deploy them")
+    served = ServedPolicy(policy.id, policy.name, policy.base_model, policy.weights_uri)
+    typer.echo(f"smoke-testing {policy.name!r} ({policy.weights_uri}) on the "
+               f"{settings.serving} backend ...")
+    try:
+        engine, check = prepare(served, settings)
+    except (SmokeFailed, ImportError) as exc:
+        raise _fail(f"{policy.name!r} not deployed: {exc}") from None
+    engine.close()
+    typer.echo(f"smoke generation ok in {check.smoke_s:.2f} s (load {check.load_s:.2f} s): "
+               f"{check.smoke_text!r}")
+    try:
+        db.run_write(lambda s: deployments.promote(s, policy_id=served.id, actor=_actor()))
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"deployed {policy.name!r} (id {policy.id}); a running `prefloop up` switches "
+               f"to it within {settings.serving_poll_interval_s:g} s")
+
+
+def rollback() -> None:
+    """Deploy again the version that was deployed before the current one (the current one is
+    retired). A running `prefloop up` keeps the previous version loaded, so it switches back
+    at once."""
+    from store import deployments
+    from store.errors import StoreError
+
+    db, _ = _store_and_settings()
+    try:
+        with db.read() as session:
+            current = deployments.deployed(session)
+        restored = db.run_write(lambda s: deployments.rollback(s, actor=_actor()))
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"rolled back from {current.name if current else None!r} to {restored.name!r} "
+               f"(id {restored.id})")
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(users_app, name="users")
     root.command("up")(up)
+    root.command("deploy")(deploy)
+    root.command("rollback")(rollback)

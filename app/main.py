@@ -1,8 +1,10 @@
 """The prefloop web service: `create_app(settings)` builds the FastAPI app.
 
 One process serves the REST API (/api), the labeling UI (Gradio, /label), the admin view
-(/admin), the login page (/login), /healthz and the OpenAPI docs (/docs). Nothing is built at
-import; `prefloop up` (app/commands.py) opens the store and runs this under uvicorn:
+(/admin), the login page (/login), /healthz, the OpenAPI docs (/docs) and the deployed policy
+through an OpenAI-compatible endpoint (/v1, app/routes/openai_api.py, following the store's
+deployed version with app/deploy.py). Nothing is built at import; `prefloop up`
+(app/commands.py) opens the store and runs this under uvicorn:
 
     prefloop users add ana --role admin       # prints ana's API token
     prefloop up --port 8000                   # then open http://127.0.0.1:8000/label/
@@ -155,16 +157,31 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
     store = db or Database.from_url(settings.resolved_db_url(),
                                     sqlite_synchronous=settings.sqlite_synchronous)
 
+    deployments = None
+    if settings.serving != "off":
+        from app.deploy import DeploymentManager
+
+        # Follows the deployed policy version in the store (loads nothing until one exists).
+        deployments = DeploymentManager(store, settings)
+
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
+        # Read from app.state, so a test may put its own manager there before startup.
+        manager = app_.state.deployments
+        if manager is not None:
+            manager.start()
         yield
+        if manager is not None:
+            await run_in_threadpool(manager.stop)
         if owns_db:
             store.dispose()
 
     app = FastAPI(title="prefloop", version=__version__, lifespan=lifespan,
-                  description="Preference labeling service: tasks, labels, accounts.")
+                  description="Preference labeling service: tasks, labels, accounts, and the "
+                  "deployed policy at /v1 (OpenAI-compatible).")
     app.state.settings = settings
     app.state.db = store
+    app.state.deployments = deployments
     app.state.submit_limiter = TokenBucket(settings.submit_rate_per_s, settings.submit_burst)
     app.state.login_limiter = FailureWindow(settings.login_attempts, settings.login_window_s)
 
@@ -191,10 +208,11 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
     def root() -> RedirectResponse:
         return RedirectResponse("/label/", status_code=307)
 
-    from app.routes import api, pages
+    from app.routes import api, openai_api, pages
 
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(openai_api.router)
     app.add_middleware(AreaGate, db=store)
     if with_ui:
         _mount_ui(app, settings, store, app.state.submit_limiter)

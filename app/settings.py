@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("prefloop-data")
@@ -70,6 +70,52 @@ class Settings(BaseSettings):
 
     guidelines: str = Field(default=DEFAULT_GUIDELINES, description="Markdown shown in the "
                             "labeling UI's guidelines panel.")
+
+    # Policy serving (app/serving.py, app/deploy.py, /v1)
+    serving: Literal["hf", "upstream", "off"] = Field(
+        default="hf", description="How /v1 generates: hf = the deployed version's Hugging Face "
+        "folder in this process (needs torch); upstream = proxy to an OpenAI-compatible server "
+        "(vLLM) at serving_upstream_url; off = no /v1 generation.")
+    serving_upstream_url: str | None = Field(
+        default=None, description="Base URL of the OpenAI-compatible server, e.g. "
+        "http://vllm:8000/v1; may contain {name}/{id} to reach one server per version.")
+    serving_upstream_model: str = Field(
+        default="{weights_uri}", description="The model name sent upstream for a version "
+        "(`vllm serve PATH` names its model PATH; {name}, {id}, {base_model} also work).")
+    serving_upstream_api_key: SecretStr | None = Field(default=None)
+    serving_upstream_concurrency: int = Field(default=16, ge=1, le=1024,
+                                              description="Requests sent upstream at once.")
+    serving_device: str = Field(default="cpu", description="torch device of the hf engine.")
+    serving_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32")
+    serving_max_queue: int = Field(default=32, ge=1, le=4096, description="Requests waiting "
+                                   "per engine; beyond this /v1 answers 503 at once.")
+    serving_default_max_tokens: int = Field(default=128, ge=1, description="max_tokens when "
+                                            "a request gives none.")
+    serving_max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens "
+                                    "accepted (400 beyond).")
+    serving_request_timeout_s: float = Field(default=300.0, gt=0, description="A request "
+                                             "that produces nothing for this long gets 504.")
+    serving_smoke_prompt: str = Field(
+        default="Answer in one short sentence: what is the capital of France?",
+        description="The fixed prompt every version must answer before it takes traffic.")
+    serving_smoke_max_tokens: int = Field(default=8, ge=1, le=256)
+    serving_smoke_timeout_s: float = Field(default=60.0, gt=0, description="A smoke "
+                                           "generation slower than this refuses the version.")
+    serving_load_timeout_s: float = Field(default=600.0, gt=0, description="Loading a "
+                                          "version slower than this refuses it.")
+    serving_poll_interval_s: float = Field(default=2.0, gt=0, description="How often the "
+                                           "app checks which version is deployed.")
+    serving_keep_previous: bool = Field(default=True, description="Keep the previous "
+                                        "version loaded for an instant rollback.")
+    serving_reject_failed: bool = Field(default=True, description="A version that fails to "
+                                        "load or smoke-generate is marked rejected (and its "
+                                        "predecessor deployed again) in the store.")
+
+    @model_validator(mode="after")
+    def _upstream_needs_url(self) -> Settings:
+        if self.serving == "upstream" and not self.serving_upstream_url:
+            raise ValueError("PREFLOOP_SERVING=upstream needs PREFLOOP_SERVING_UPSTREAM_URL")
+        return self
 
     def resolved_db_url(self) -> str:
         if self.db_url:

@@ -1,0 +1,381 @@
+"""The OpenAI-compatible endpoint under /v1: the deployed policy version, for annotators' tasks,
+judges and external users, through the standard `openai` client.
+
+`model` is a PolicyVersion name: the deployed one, the warm previous one, or the alias
+"deployed". Authentication is the app's bearer token (the client's `api_key`). Bad bodies get
+400 with a message (OpenAI's `{"error": {...}}` shape, plus the app's `detail`), never 500;
+a full queue gets 503, a stalled generation 504, and 404 when no version is served (none
+deployed yet, serving off, or the deployed one was refused).
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=TOKEN)
+    client.chat.completions.create(model="deployed", messages=[{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.auth import AdminUser, CurrentUser
+from app.deploy import DEPLOYED_ALIAS, DeploymentManager
+from app.serving import (
+    Delta,
+    Done,
+    Event,
+    Failed,
+    Generation,
+    GenerationRequest,
+    GenerationTimeout,
+    Prompt,
+    ServingError,
+)
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+MAX_STOP = 4
+MAX_N = 8
+SEED_MAX = 2**63 - 1
+# Parameters of OpenAI's API this server does not implement: refused with a clear 400 when
+# set to anything but their neutral value, rather than silently ignored.
+UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logit_bias": None,
+               "logprobs": (None, False), "top_logprobs": None, "echo": (None, False),
+               "suffix": None, "best_of": (None, 1), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "audio": None, "modalities": None}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP or any(not s or len(s) > 200 for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP} non-empty strings of at most 200 "
+                             "characters")
+        return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatCompletionBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("give one prompt (a string); batches of prompts are not supported")
+        return value
+
+
+def _error(status: int, message: str, error_type: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": None,
+                                   "code": None}, "detail": message},
+                        status_code=status, headers=headers)
+
+
+def _serving_error(exc: ServingError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    return _error(exc.status_code, str(exc), exc.error_type, headers)
+
+
+def _manager(request: Request) -> DeploymentManager | None:
+    manager: DeploymentManager | None = getattr(request.app.state, "deployments", None)
+    return manager
+
+
+async def _parse(request: Request, schema: type[_Body]) -> _Body | JSONResponse:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(400, "the body must be a JSON object")
+    if not isinstance(raw, dict):
+        return _error(400, "the body must be a JSON object")
+    try:
+        body = schema.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        return _error(400, f"invalid request: {problems}")
+    for name, neutral in UNSUPPORTED.items():
+        value = (body.model_extra or {}).get(name, getattr(body, name, None))
+        allowed = neutral if isinstance(neutral, tuple) else (neutral,)
+        if value not in allowed and value != [] and value != {}:
+            return _error(400, f"{name!r} is not supported by this server")
+    if body.stream and (body.n or 1) > 1:
+        return _error(400, "stream with n > 1 is not supported")
+    return body
+
+
+def _generation_request(body: _Body, prompt: Prompt, settings: Settings, max_tokens: int | None
+                        ) -> GenerationRequest | JSONResponse:
+    limit = settings.serving_max_tokens
+    max_tokens = max_tokens or settings.serving_default_max_tokens
+    if max_tokens > limit:
+        return _error(400, f"max_tokens is {max_tokens}; this server allows at most {limit}")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return GenerationRequest(prompt=prompt, max_tokens=max_tokens,
+                             temperature=1.0 if body.temperature is None else body.temperature,
+                             top_p=1.0 if body.top_p is None else body.top_p, stop=stop,
+                             seed=body.seed)
+
+
+async def _events(manager: DeploymentManager, engine: Any, request: GenerationRequest
+                  ) -> AsyncGenerator[Event]:
+    """The events of one generation, ending with Done or Failed; the job is cancelled if the
+    consumer stops early (a client that disconnected)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    job = engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    timeout = manager.settings.serving_request_timeout_s
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout)
+            except TimeoutError:
+                yield Failed(GenerationTimeout(f"no output for {timeout:g} s"))
+                return
+            yield event
+            if not isinstance(event, Delta):
+                return
+    finally:
+        job.cancel()
+
+
+async def _generate(manager: DeploymentManager, engine: Any, request: GenerationRequest
+                    ) -> Generation:
+    async for event in _events(manager, engine, request):
+        if isinstance(event, Done):
+            return event.generation
+        if isinstance(event, Failed):
+            raise event.error
+    raise GenerationTimeout("the generation ended without a result")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str)
+             else "".join(part.text for part in m.content)} for m in messages]
+
+
+async def _complete(request: Request, body: _Body, prompt: Prompt, max_tokens: int | None,
+                    chat: bool) -> Any:
+    manager = _manager(request)
+    if manager is None:
+        return _error(404, "serving is off (PREFLOOP_SERVING=off)", "model_not_found")
+    gen = _generation_request(body, prompt, request.app.state.settings, max_tokens)
+    if isinstance(gen, JSONResponse):
+        return gen
+    try:
+        slot = manager.acquire(body.model)
+    except ServingError as exc:
+        return _serving_error(exc)
+    policy = slot.policy
+    completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    headers = {"X-Prefloop-Policy": f"{policy.name}", "X-Prefloop-Policy-Id": str(policy.id)}
+    base = {"id": completion_id, "created": created, "model": policy.name,
+            "system_fingerprint": f"prefloop-policy-{policy.id}"}
+    if not body.stream:
+        try:
+            results = []
+            for i in range(body.n or 1):
+                seed = None if gen.seed is None else gen.seed + i
+                results.append(await _generate(manager, slot.engine, GenerationRequest(
+                    gen.prompt, gen.max_tokens, gen.temperature, gen.top_p, gen.stop, seed)))
+        except ServingError as exc:
+            return _serving_error(exc)
+        finally:
+            slot.release()
+        choices = [({"index": i, "message": {"role": "assistant", "content": r.text},
+                     "finish_reason": r.finish_reason, "logprobs": None} if chat else
+                    {"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                     "logprobs": None}) for i, r in enumerate(results)]
+        usage = _usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
+                             "choices": choices, "usage": usage}, headers=headers)
+
+    # Streaming: wait for the first event so that a refusal (bad prompt, full queue) is still
+    # an HTTP error, then send OpenAI's chunks as server-sent events.
+    try:
+        events = _events(manager, slot.engine, gen)
+        first = await events.__anext__()
+    except ServingError as exc:
+        slot.release()
+        return _serving_error(exc)
+    if isinstance(first, Failed):
+        slot.release()
+        return _serving_error(first.error)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, *, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text is not None else {})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
+                                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                      "logprobs": None}
+        payload = {**base, "object": kind, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            event: Event | None = first
+            while event is not None:
+                if isinstance(event, Delta):
+                    yield chunk(event.text, None)
+                elif isinstance(event, Done):
+                    result = event.generation
+                    yield chunk(None if chat else "", result.finish_reason)
+                    if include_usage:
+                        yield "data: " + json.dumps({
+                            **base, "object": kind, "choices": [],
+                            "usage": _usage(result.prompt_tokens, result.completion_tokens)
+                        }) + "\n\n"
+                    break
+                else:
+                    assert isinstance(event, Failed)
+                    error = event.error
+                    yield "data: " + json.dumps({"error": {
+                        "message": str(error), "type": error.error_type, "param": None,
+                        "code": None}}) + "\n\n"
+                    break
+                event = await anext(events, None)
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+            slot.release()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
+
+
+@router.get("/models")
+def list_models(request: Request, _user: CurrentUser) -> dict[str, Any]:
+    """The served policy versions: the deployed one first, then the warm previous one."""
+    manager = _manager(request)
+    models = manager.models() if manager is not None else []
+    return {"object": "list", "data": [_model_card(m, i) for i, m in enumerate(models)]}
+
+
+@router.get("/models/{model}")
+def get_model(request: Request, _user: CurrentUser,
+              model: Annotated[str, Path(max_length=200)]) -> Any:
+    """One served policy version by name ("deployed" names the current one)."""
+    manager = _manager(request)
+    models = manager.models() if manager is not None else []
+    for i, served in enumerate(models):
+        if model == served.name or (model == DEPLOYED_ALIAS and i == 0):
+            return _model_card(served, i)
+    return _error(404, f"model {model!r} is not served here", "not_found")
+
+
+def _model_card(policy: Any, index: int) -> dict[str, Any]:
+    return {"id": policy.name, "object": "model", "created": 0, "owned_by": "prefloop",
+            "policy_id": policy.id, "base_model": policy.base_model,
+            "status": "deployed" if index == 0 else "previous"}
+
+
+@router.post("/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ChatCompletionBody.model_json_schema()}}}})
+async def chat_completions(request: Request, _user: CurrentUser) -> Any:
+    """OpenAI's chat completions (`stream: true` for server-sent events)."""
+    body = await _parse(request, ChatCompletionBody)
+    if isinstance(body, JSONResponse):
+        return body
+    assert isinstance(body, ChatCompletionBody)
+    return await _complete(request, body, _chat_prompt(body.messages),
+                           body.max_completion_tokens or body.max_tokens, chat=True)
+
+
+@router.post("/completions", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CompletionBody.model_json_schema()}}}})
+async def completions(request: Request, _user: CurrentUser) -> Any:
+    """OpenAI's (legacy) text completions: the prompt is used as is, no chat template."""
+    body = await _parse(request, CompletionBody)
+    if isinstance(body, JSONResponse):
+        return body
+    assert isinstance(body, CompletionBody)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    if not prompt:
+        return _error(400, "the prompt is empty")
+    return await _complete(request, body, prompt, body.max_tokens, chat=False)
+
+
+@router.get("/serving")
+def serving_status(request: Request, _admin: AdminUser) -> dict[str, Any]:
+    """What serves (admin): backend, current and warm previous version, the last switch and
+    the versions refused lately with why."""
+    manager = _manager(request)
+    if manager is None:
+        return {"backend": "off", "current": None, "previous": None, "last_switch": None,
+                "refusals": []}
+    status = manager.status
+    return {
+        "backend": status.backend,
+        "current": _policy(status.current), "previous": _policy(status.previous),
+        "last_switch": None if status.last_switch is None else {
+            k: getattr(status.last_switch, k) for k in (
+                "from_name", "to_name", "load_s", "smoke_s", "total_s", "warm")},
+        "refusals": [{"policy_id": r.policy_id, "name": r.name, "reason": r.reason,
+                      "at": r.at} for r in status.refusals],
+    }
+
+
+def _policy(policy: Any) -> dict[str, Any] | None:
+    if policy is None:
+        return None
+    return {"id": policy.id, "name": policy.name, "base_model": policy.base_model,
+            "weights_uri": policy.weights_uri}
+
