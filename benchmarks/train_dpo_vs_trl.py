@@ -2,6 +2,7 @@
 
     python benchmarks/train_dpo_vs_trl.py                      # tiny model + bundled SmolLM2
     python benchmarks/train_dpo_vs_trl.py --models tiny --steps 20
+    python benchmarks/train_dpo_vs_trl.py --models smollm2 --variant fused_optimizer=false
 
 For each model, each framework trains sigmoid DPO for `--steps` optimizer steps in its own
 subprocess (so peak memory is per framework), with full fine-tuning, the same learning rate and
@@ -10,7 +11,10 @@ supports it). Printed side by side: samples/s (pairs per second, reference log-p
 prefloop precomputes them before the loop, TRL runs the reference every step), the ratio, peak
 memory (max RSS on CPU, max allocated on CUDA), the first-step loss of each, and the MFU:
 6 * parameters * tokens trained per second over the machine's measured bf16 matmul peak (the
-reference forward is not counted as useful FLOPs). Figures go to BENCHMARKS.md.
+reference forward is not counted as useful FLOPs). `--variant KEY=VALUE[,KEY=VALUE]` adds a
+prefloop run with those config overrides (e.g. an optimisation switched off) to the same
+alternation, so before/after and TRL are measured under the same machine load. Figures go to
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -88,14 +92,14 @@ def peak_memory_mb() -> float:
 
 def count_tokens(data: Path, model_path: str, max_length: int) -> tuple[int, int]:
     """(training tokens over the whole export, number of pairs): prompt counted for both sides."""
-    from training.data import build_examples, read_export
+    from training.data import PairExample, build_examples, read_export
     from training.models import load_tokenizer
 
     tok = load_tokenizer(model_path)
     examples, _ = build_examples("dpo", "sigmoid", read_export(data), tok, max_length=max_length,
                                  overlong="truncate")
-    tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
-                 for e in examples)
+    pairs = [e for e in examples if isinstance(e, PairExample)]
+    tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)
     return tokens, len(examples)
 
 
@@ -111,7 +115,8 @@ def run_prefloop(args: argparse.Namespace) -> dict:
         overrides=[f"batch_size={args.batch_size}", f"max_steps={args.steps}",
                    f"max_length={args.max_length}", "lora=off", f"precision={args.precision}",
                    f"learning_rate={args.lr}", "lr_schedule=linear", "save_steps=0",
-                   "progress=false", "beta=0.1", "max_grad_norm=1.0"],
+                   "progress=false", "beta=0.1", "max_grad_norm=1.0",
+                   *[item for item in (args.set or "").split(",") if item]],
     )
     info = json.loads((result.run_dir / "run.json").read_text())
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -188,6 +193,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32", "auto"], default="auto")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--worker", choices=["prefloop", "trl"])
+    parser.add_argument("--set", help="(worker) extra prefloop overrides, comma-separated")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="also run prefloop with these overrides (KEY=VALUE[,KEY=VALUE])")
     parser.add_argument("--model")
     parser.add_argument("--data")
     parser.add_argument("--cuda", action="store_true")
@@ -218,7 +226,7 @@ def main() -> None:
           f"max_length={args.max_length} pairs={args.steps * args.batch_size}")
     print(f"measured matmul peak (2048x2048): bf16 {peak['bf16']:.0f} GFLOP/s, "
           f"fp32 {peak['fp32']:.0f} GFLOP/s")
-    header = (f"{'model':28} {'framework':9} {'samples/s':>9} {'seconds':>8} {'peak MB':>8} "
+    header = (f"{'model':28} {'framework':32} {'samples/s':>9} {'seconds':>8} {'peak MB':>8} "
               f"{'first loss':>11} {'last loss':>10} {'MFU':>6}")
     for name in args.models.split(","):
         label, path = resolve(name, workdir)
@@ -228,11 +236,14 @@ def main() -> None:
         params = _count_params(path)
         tokens, pairs = count_tokens(data, path, args.max_length)
         results: dict[str, dict] = {}
-        for framework in ("prefloop", "trl") * args.repeats:
-            cmd = [sys.executable, __file__, "--worker", framework, "--model", path, "--data",
+        frameworks = ["prefloop", *[f"prefloop[{v}]" for v in args.variant], "trl"]
+        for framework in frameworks * args.repeats:
+            worker, _, overrides = framework.partition("[")
+            cmd = [sys.executable, __file__, "--worker", worker, "--model", path, "--data",
                    str(data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", precision,
-                   "--lr", str(args.lr)] + (["--cuda"] if device.type == "cuda" else [])
+                   "--lr", str(args.lr), "--set", overrides.rstrip("]")]
+            cmd += ["--cuda"] if device.type == "cuda" else []
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -242,20 +253,22 @@ def main() -> None:
             if framework not in results or result["seconds"] < results[framework]["seconds"]:
                 results[framework] = result
         print(f"\n{label} (best of {args.repeats}): {params / 1e6:.1f}M parameters, "
-              f"{cfg.num_hidden_layers} layers; {tokens / pairs:.0f} training tokens per pair")
+              f"{cfg.num_hidden_layers} layers; {tokens / pairs:.0f} training tokens per pair; "
+              f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         print(header)
         for framework, r in results.items():
             samples_s = pairs / r["seconds"]
             mfu = 6 * params * tokens / r["seconds"] / (peak[precision] * 1e9)
             r["samples_s"] = samples_s
-            print(f"{label[:28]:28} {framework:9} {samples_s:9.2f} {r['seconds']:8.1f} "
+            print(f"{label[:28]:28} {framework:32} {samples_s:9.2f} {r['seconds']:8.1f} "
                   f"{r['peak_mb']:8.0f} {r['first_loss']:11.6f} {r['last_loss']:10.4f} "
                   f"{100 * mfu:5.1f}%")
-        ratio = results["prefloop"]["samples_s"] / results["trl"]["samples_s"]
-        mem = results["prefloop"]["peak_mb"] / results["trl"]["peak_mb"]
-        diff = abs(results["prefloop"]["first_loss"] - results["trl"]["first_loss"])
-        print(f"prefloop / TRL: {ratio:.2f}x samples/s, {mem:.2f}x peak memory, "
-              f"first-step loss difference {diff:.1e}")
+        for framework in frameworks[:-1]:
+            ratio = results[framework]["samples_s"] / results["trl"]["samples_s"]
+            mem = results[framework]["peak_mb"] / results["trl"]["peak_mb"]
+            diff = abs(results[framework]["first_loss"] - results["trl"]["first_loss"])
+            print(f"{framework} / TRL: {ratio:.2f}x samples/s, {mem:.2f}x peak memory, "
+                  f"first-step loss difference {diff:.1e}")
 
 
 def _count_params(path: str) -> int:

@@ -12,7 +12,10 @@ Layout of a run directory (`--out DIR`):
 A checkpoint is written into a hidden temporary folder next to its final place, the COMPLETE
 marker is written last, and the folder is renamed into place (same filesystem, so the rename is
 atomic). A crash mid-save leaves only a `.tmp-*` folder, which resume ignores and the next save
-removes (cf. huggingface/transformers PR #27820 and PR #35580).
+removes (cf. huggingface/transformers PR #27820 and PR #35580). In a multi-process DeepSpeed run
+rank 0 stages the folder (`begin_checkpoint` with `shared_staging_folder`), every rank writes its
+DeepSpeed shard into it, and rank 0 alone writes the model and publishes (`publish_checkpoint`),
+with barriers in between.
 
 Training II reuses this format: `save_checkpoint` takes any picklable `state` dict.
 """
@@ -52,13 +55,42 @@ def save_checkpoint(
         state: trainer state (optimizer, scheduler, RNG, trainable weights, counters).
         keep: how many complete checkpoints to keep.
     """
+    tmp = begin_checkpoint(run_dir, step)
+    save_model(tmp / "model")
+    return publish_checkpoint(run_dir, step, tmp, state, keep)
+
+
+def shared_staging_folder(run_dir: Path, step: int) -> Path:
+    """The temporary folder of checkpoint `step` when several processes write into it.
+
+    A multi-process (DeepSpeed) run needs one name that every rank can compute without talking to
+    the others; a single process uses a random `mkdtemp` name instead. Both start with `.tmp-`, so
+    resume ignores them and the next save removes them.
+    """
+    return checkpoint_root(run_dir) / f".tmp-step-{step:08d}-shared"
+
+
+def begin_checkpoint(run_dir: Path, step: int, folder: Path | None = None) -> Path:
+    """Remove leftovers of interrupted saves and create the temporary folder of checkpoint `step`.
+
+    Args:
+        folder: where to stage (see shared_staging_folder); default a fresh random `.tmp-` folder.
+    """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # leftovers of an interrupted save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
-    save_model(tmp / "model")
+    if folder is None:
+        return Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish_checkpoint(run_dir: Path, step: int, tmp: Path, state: dict[str, Any],
+                       keep: int) -> Path:
+    """Write the trainer state and the COMPLETE marker into `tmp`, rename it into place, and keep
+    only the newest `keep` complete checkpoints. Everything else must already be in `tmp`."""
+    final = checkpoint_root(run_dir) / f"step-{step:08d}"
     torch.save(state, tmp / STATE_FILE)
     marker = tmp / COMPLETE
     with marker.open("w") as handle:

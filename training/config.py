@@ -89,6 +89,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    fused_optimizer: bool = True
+    """AdamW's fused kernel (one pass over all parameters, on CPU too; transformers' Trainer uses
+    it by default from torch 2.8). false = torch's per-parameter loop. Ignored under DeepSpeed."""
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = 1.0

@@ -11,7 +11,9 @@ loop runs under a DeepSpeed engine with `deepspeed=zero1|zero2|zero3`.
 Exactness: the sample order is a pure function of (seed, epoch), every micro-batch loss is divided
 by the weight (or token) total of its whole optimizer batch, and checkpoints carry the optimizer,
 scheduler and RNG state, so an interrupted-then-resumed run takes the same steps on the same
-samples as an uninterrupted one.
+samples as an uninterrupted one. Launched on several processes (WORLD_SIZE > 1, DeepSpeed), each
+rank trains on a disjoint shard of every micro-batch with the same global normaliser, so the
+result equals the one-process run (see Ranks, shard, reference_plan).
 """
 
 from __future__ import annotations
@@ -185,6 +187,88 @@ def make_schedule(config: TrainConfig, num_examples: int) -> Schedule:
     return Schedule(num_examples, config.batch_size, config.grad_accum_steps, config.seed, total)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel job: rank 0 of 1 unless launched with WORLD_SIZE > 1
+    (torchrun, the deepspeed launcher, or the env vars of PLATFORM.md section 8)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def check_world_size(config: TrainConfig, world_size: int) -> None:
+    """Raise TrainingError for a multi-process launch this config cannot run exactly.
+
+    Each rank takes a disjoint 1/world_size of every micro-batch (see shard), so the micro-batch
+    (`batch_size`, counted over all ranks) must split evenly; DeepSpeed is what all-reduces the
+    gradients, so the plain loop stays single-process.
+    """
+    if world_size <= 1:
+        return
+    if config.deepspeed == "none":
+        raise TrainingError(f"WORLD_SIZE={world_size}: multi-process training runs under "
+                            "DeepSpeed; pass --deepspeed zero1|zero2|zero3 (or run one process)")
+    if config.batch_size % world_size:
+        raise TrainingError(
+            f"WORLD_SIZE={world_size}: batch_size={config.batch_size} is the micro-batch summed "
+            f"over all ranks and must be divisible by the number of ranks; use a multiple of "
+            f"{world_size}")
+
+
+def shard(micro_batch: list[int], ranks: Ranks) -> list[int]:
+    """This rank's part of a micro-batch: every world_size-th example from position `rank`.
+
+    Disjoint across ranks and together the whole micro-batch, so the gradient summed over ranks is
+    the single-process one; a pure function of the (seed, epoch)-determined micro-batch, so resume
+    stays exact. A short last micro-batch can leave a rank with nothing (see train's filler).
+    """
+    return micro_batch[ranks.rank :: ranks.world_size]
+
+
+def init_ranks(config: TrainConfig) -> Ranks:
+    """Read RANK/WORLD_SIZE; for a multi-process launch, start torch.distributed via DeepSpeed."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(config, world_size)
+    if world_size <= 1:
+        return Ranks()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise TrainingError(f"WORLD_SIZE={world_size} but {missing} not set; start the ranks "
+                            "with the deepspeed launcher or torchrun")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed()  # gloo on CPU, nccl on CUDA (the accelerator's backend)
+    return Ranks(int(os.environ["RANK"]), world_size)
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _sum_over_ranks(values: list[float], ranks: Ranks) -> list[float]:
+    """Element-wise sum of a list of floats over all ranks (identity for one process)."""
+    if not ranks.distributed:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warmup, then constant / linear decay / cosine decay to 0."""
 
@@ -235,36 +319,57 @@ def _completion_logps(model: Any, prompts: list[list[int]],
     return out.logps, out
 
 
-def reference_batches(schedule: Schedule) -> list[list[int]]:
-    """The micro-batches in which the reference log-probs are computed: the training ones.
+def reference_plan(schedule: Schedule, ranks: Ranks | None = None,
+                   ) -> list[tuple[list[int], list[int]]]:
+    """This rank's reference micro-batches, each with the examples whose values it owns.
 
     Walking the training schedule until every used example has been seen means each example is
     scored in the very micro-batch (same padding, same tensor shapes) where the policy first meets
-    it, so at step 1 policy and reference agree to the last bit even under bf16 autocast (DPO's
-    first loss is exactly ln 2), and examples that max_steps never reaches are not scored at all.
+    it - owned by the rank whose shard that is - so at step 1 policy and reference agree to the last
+    bit even under bf16 autocast (DPO's first loss is exactly ln 2), and examples that max_steps
+    never reaches are not scored at all. Every rank walks the same global schedule, so the owners
+    are disjoint and agree without communication.
+
+    Returns:
+        [(micro-batch shard, the indices in it first met there)], in schedule order.
     """
+    ranks = ranks or Ranks()
     seen: set[int] = set()
-    batches = []
+    plan = []
     for step in range(schedule.total_steps):
         for micro in schedule.micro_batches(step):
-            if not seen.issuperset(micro):
-                batches.append(micro)
-                seen.update(micro)
+            for rank in range(ranks.world_size):
+                part = shard(micro, Ranks(rank, ranks.world_size))
+                fresh = [i for i in dict.fromkeys(part) if i not in seen]
+                if fresh and rank == ranks.rank:
+                    plan.append((part, fresh))
+                seen.update(fresh)
         if len(seen) == schedule.num_examples:
             break
-    return batches
+    return plan
+
+
+def reference_batches(schedule: Schedule) -> list[list[int]]:
+    """The micro-batches in which a single process computes the reference log-probs (see
+    reference_plan)."""
+    return [part for part, _ in reference_plan(schedule)]
 
 
 @torch.no_grad()
 def reference_logps(
     mode: str, model: Any, examples: list[Example], batches: list[list[int]],
     pad_id: int, device: torch.device, bf16: bool, progress: bool = True,
-    share_prompt: bool = False,
+    share_prompt: bool = False, owned: list[list[int]] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Reference log-probs of the examples, computed once before training.
 
     Args:
-        batches: micro-batches of example indices (see reference_batches).
+        batches: micro-batches of example indices (see reference_plan).
+        owned: for each batch, the indices whose values it sets (default: all of them, later
+            batches overwriting earlier ones).
+        ranks: in a multi-process run each rank scores its own batches; the tables are then summed
+            over ranks (each example has one owner, the others contribute an exact 0).
 
     Returns:
         dpo: {"chosen", "rejected"}; kto: {"completion", "kl"} (the example's own and its
@@ -279,7 +384,7 @@ def reference_logps(
     table = {key: torch.full((len(examples),), float("nan")) for key in keys}
     with tqdm(total=len(batches), desc="reference log-probs", disable=not progress,
               leave=False) as bar:
-        for indices in batches:
+        for number, indices in enumerate(batches):
             chunk = [examples[i] for i in indices]
             with _autocast(device, bf16):
                 if mode == "dpo":
@@ -295,10 +400,21 @@ def reference_logps(
                                               [ex.kl_completion_ids for ex in items], pad_id,
                                               device)
                     values = (own, kl)
+            keep = indices if owned is None else owned[number]
+            rows = [indices.index(i) for i in keep]
             for key, value in zip(keys, values, strict=True):
-                table[key][indices] = value.float().cpu()
+                table[key][keep] = value.float().cpu()[rows]
             bar.update(1)
     model.train(was_training)
+    if ranks is not None and ranks.distributed:
+        import torch.distributed as dist
+
+        for key in keys:
+            scored = ~torch.isnan(table[key])
+            merged = torch.stack([torch.where(scored, table[key], 0.0).double(),
+                                  scored.double()])
+            dist.all_reduce(merged)
+            table[key] = torch.where(merged[1] > 0, merged[0], float("nan")).float()
     return table
 
 
@@ -332,8 +448,18 @@ def micro_batch_loss(
     normaliser: float,
     pad_id: int,
     device: torch.device,
+    *,
+    ranks: Ranks | None = None,
+    filler: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch, already divided by the optimizer batch's normaliser.
+
+    Args:
+        indices: the examples of this micro-batch (this rank's shard of it in a multi-process run).
+        ranks: in a multi-process run, the batch statistics that couple examples (KTO's reference
+            point) are summed over the ranks' shards, so they equal the single-process values.
+        filler: this rank has no example in the micro-batch; `indices` is a stand-in whose
+            contribution to those shared statistics is zero (the caller zeroes its loss).
 
     Returns the loss (to backpropagate) and summed statistics for logging.
     """
@@ -386,12 +512,13 @@ def micro_batch_loss(
         lists = cast(list[ListExample], batch)
         tensors = {k: v.to(device) for k, v in collate_lists(lists, pad_id).items()}
         flat = sequence_rewards(model, tensors["input_ids"], tensors["attention_mask"])
-        valid, ranks = tensors["list_valid"], tensors["ranks"]
+        valid, list_ranks = tensors["list_valid"], tensors["ranks"]
         rewards = torch.zeros(valid.shape, device=device, dtype=flat.dtype)
         rewards = rewards.masked_scatter(valid, flat)  # (B, K), row-major like the flat order
-        per_list = losses.plackett_luce_loss(rewards, ranks, valid)
+        per_list = losses.plackett_luce_loss(rewards, list_ranks, valid)
         # Pairwise view for logging: every (better, worse) pair of each list.
-        better = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(1) & valid.unsqueeze(2)
+        better = ((list_ranks.unsqueeze(2) < list_ranks.unsqueeze(1)) & valid.unsqueeze(1)
+                  & valid.unsqueeze(2))
         diff = (rewards.unsqueeze(2) - rewards.unsqueeze(1)).detach()
         n_pairs = better.sum(dim=(1, 2)).clamp(min=1)
         stats["rewards/accuracy"] = float((((diff > 0) & better).sum(dim=(1, 2)) / n_pairs).sum())
@@ -413,7 +540,14 @@ def micro_batch_loss(
             with torch.no_grad(), reference.policy_as_reference(model) as ref_model:
                 ref, _ = _completion_logps(ref_model, prompts, own, pad_id, device)
                 ref_kl, _ = _completion_logps(ref_model, prompts, mismatched, pad_id, device)
-        z0 = losses.kto_reference_point(kl_logps, ref_kl)
+        if ranks is not None and ranks.distributed:
+            # z0 is the mean over the whole micro-batch, not over this rank's shard of it.
+            kl_sum, count = _sum_over_ranks(
+                [0.0, 0.0] if filler else [float((kl_logps - ref_kl).sum()), float(len(items))],
+                ranks)
+            z0 = torch.tensor(kl_sum / count, device=device).clamp(min=0)
+        else:
+            z0 = losses.kto_reference_point(kl_logps, ref_kl)
         desirable = torch.tensor([ex.desirable for ex in items], device=device)
         per_example = losses.kto_loss(logps, ref, desirable, z0, config.beta,
                                       config.desirable_weight, config.undesirable_weight)
@@ -492,28 +626,34 @@ def _write_metrics(path: Path, record: dict[str, Any], truncate_after: int | Non
         handle.write(json.dumps(record) + "\n")
 
 
+def _fused_adamw_applies(params: list[torch.nn.Parameter]) -> bool:
+    """torch's fused AdamW takes floating-point parameters on CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                for p in params)
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _init_deepspeed(config: TrainConfig, model: torch.nn.Module, total_steps: int) -> Any:
-    """Wrap the model in a DeepSpeed engine (single process works on CPU with gloo)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        # Batches are not yet split across ranks, and every rank would write the same checkpoint
-        # folder: refuse rather than train each rank on everything.
-        raise TrainingError(
-            f"WORLD_SIZE={world_size}: multi-process DeepSpeed runs are not supported yet "
-            "(the data loader does not shard by rank); run one process per training job"
-        )
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(key, value)  # otherwise DeepSpeed falls back to MPI discovery
+def _init_deepspeed(config: TrainConfig, model: torch.nn.Module, total_steps: int,
+                    ranks: Ranks | None = None) -> Any:
+    """Wrap the model in a DeepSpeed engine (one process, or one per rank after init_ranks).
+
+    `batch_size` is the micro-batch over all ranks, so each rank's is batch_size / world_size and
+    the optimizer batch is the same for any number of ranks.
+    """
+    ranks = ranks or Ranks()
+    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if not ranks.distributed:
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            os.environ.setdefault(key, value)  # otherwise DeepSpeed falls back to MPI discovery
     import deepspeed
 
     stage = int(config.deepspeed[-1])
     ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
+        "train_micro_batch_size_per_gpu": config.batch_size // ranks.world_size,
         "gradient_accumulation_steps": config.grad_accum_steps,
         "gradient_clipping": config.max_grad_norm,
         "zero_optimization": {"stage": stage},
@@ -549,6 +689,7 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
     if mode != config.mode:
         raise ConfigError(f"mode {mode!r} does not match config.mode {config.mode!r}")
     run_dir = Path(config.out)
+    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))  # before any compute
     torch.manual_seed(config.seed)
 
     # 1. Everything that can be wrong with the input is checked before a model is loaded.
@@ -563,8 +704,11 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         log.warning("data: %s", report.describe())
     if config.needs_reference and config.ref_model not in ("initial", "none"):
         resolve_model(config.ref_model)  # fails early if the reference cannot be found
+    ranks = init_ranks(config)
     resume_from = _prepare_run_dir(config, run_dir)
-    config.save(run_dir / "config.json")
+    _barrier(ranks)  # every rank has checked the run dir before rank 0 writes into it
+    if ranks.is_main:
+        config.save(run_dir / "config.json")
 
     device = select_device(config.device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(device))
@@ -596,11 +740,16 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
             if config.precompute_ref_logps:
                 # The checkpoint (if resuming) is loaded only after this, so the policy here is
                 # still the initial one and *is* the reference: no second model in memory.
+                plan = reference_plan(schedule, ranks)
                 reference.table = reference_logps(
-                    mode, ref_model or model, examples, reference_batches(schedule), pad_id,
-                    device, bf16, progress=config.progress, share_prompt=_shares_prompt(config),
+                    mode, ref_model or model, examples, [part for part, _ in plan], pad_id,
+                    device, bf16, progress=config.progress and ranks.is_main,
+                    share_prompt=_shares_prompt(config), owned=[own for _, own in plan],
+                    ranks=ranks,
                 )
-                torch.save({"data_sha256": export.sha256, "logps": reference.table}, ref_path)
+                if ranks.is_main:
+                    torch.save({"data_sha256": export.sha256, "logps": reference.table},
+                               ref_path)
                 ref_model = None
             reference.model = ref_model
             if ref_model is not None:
@@ -621,7 +770,8 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         start_step = int(state["step"])
     engine = None
     if config.deepspeed != "none":
-        engine, optimizer, scheduler = _init_deepspeed(config, model, schedule.total_steps)
+        engine, optimizer, scheduler = _init_deepspeed(config, model, schedule.total_steps,
+                                                       ranks)
         if resume_from is not None:
             # ZeRO partitions the optimizer state: DeepSpeed's own checkpoint restores it.
             engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state",
@@ -631,6 +781,9 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps, weight_decay=config.weight_decay,
+            # On CPU torch otherwise runs a Python loop of ~10 element-wise ops per parameter
+            # tensor: 135M parameters make that a large share of a SmolLM2 step.
+            fused=config.fused_optimizer and _fused_adamw_applies(trainable),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(config, schedule.total_steps))
@@ -642,15 +795,19 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         torch.set_rng_state(state["rng"])
 
     def save_model(folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        """Rank 0 writes the model; under ZeRO-3 every rank takes part in gathering it."""
         if engine is not None and config.deepspeed == "zero3":
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                model.save_pretrained(folder)
-        else:
+                if ranks.is_main:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    model.save_pretrained(folder)
+        elif ranks.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if ranks.is_main:
+            tokenizer.save_pretrained(folder)
 
     def save_checkpoint_contents(folder: Path) -> None:
         save_model(folder)
@@ -663,26 +820,42 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         if engine is None:  # (under DeepSpeed its own checkpoint holds weights and optimizer)
             state |= {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict()}
-        ckpt.save_checkpoint(run_dir, step, save_checkpoint_contents, state,
-                             keep=config.keep_checkpoints)
+        if not ranks.distributed:
+            ckpt.save_checkpoint(run_dir, step, save_checkpoint_contents, state,
+                                 keep=config.keep_checkpoints)
+            return
+        # Rank 0 stages one folder; every rank writes its DeepSpeed shard (ZeRO partitions the
+        # optimizer state) into it; rank 0 alone writes the model and publishes.
+        staging = ckpt.shared_staging_folder(run_dir, step)
+        if ranks.is_main:
+            ckpt.begin_checkpoint(run_dir, step, staging)
+        _barrier(ranks)
+        save_checkpoint_contents(staging / "model")
+        _barrier(ranks)
+        if ranks.is_main:
+            ckpt.publish_checkpoint(run_dir, step, staging, state, config.keep_checkpoints)
+        _barrier(ranks)
 
     # 4. The loop.
     metrics_path = run_dir / "metrics.jsonl"
-    _write_metrics(metrics_path, {}, truncate_after=start_step)
-    writer = _tensorboard(run_dir)
+    writer = None
+    if ranks.is_main:
+        _write_metrics(metrics_path, {}, truncate_after=start_step)
+        writer = _tensorboard(run_dir)
     run_info = {
         "mode": mode, "data": str(export.path), "data_sha256": export.sha256,
         "manifest": export.manifest, "data_report": report.__dict__, "git_sha": _git_sha(),
         "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
         "bf16": bf16, "lora": _is_peft(model), "deepspeed": config.deepspeed,
         "total_steps": schedule.total_steps, "resumed_from_step": start_step,
-        "reference_logps_s": reference_s,
+        "reference_logps_s": reference_s, "world_size": ranks.world_size,
     }
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    if ranks.is_main:
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     model.train()
     last: dict[str, float] = {}
     bar = tqdm(total=schedule.total_steps, initial=start_step, desc=f"train {mode}",
-               disable=not config.progress, unit="step")
+               disable=not (config.progress and ranks.is_main), unit="step")
     loop_started = time.perf_counter()
     executed = 0
     for step in range(start_step, schedule.total_steps):
@@ -691,18 +864,36 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         normaliser = batch_normaliser(config, examples, indices)
         totals: dict[str, float] = {}
         loss_value = 0.0
-        for micro in schedule.micro_batches(step):
+        micro_batches = list(schedule.micro_batches(step))
+        for position, micro in enumerate(micro_batches):
+            part = shard(micro, ranks)
+            # A rank with no example in a short last micro-batch still runs one (weight 0) so
+            # that its backward takes part in the gradient all-reduce.
+            filler = not part
             with _autocast(device, bf16):
-                loss, stats = micro_batch_loss(config, forward_model, examples, micro, reference,
-                                               normaliser, pad_id, device)
+                loss, stats = micro_batch_loss(config, forward_model, examples,
+                                               part or micro[:1], reference, normaliser, pad_id,
+                                               device, ranks=ranks, filler=filler)
+            if filler:
+                loss = loss * 0.0
+                stats = dict.fromkeys(stats, 0.0)
             if engine is not None:
-                engine.backward(loss, scale_wrt_gas=False)  # loss is already batch-normalised
+                # The step's last micro-batch is the accumulation boundary, also when an epoch's
+                # last step has fewer micro-batches than grad_accum_steps.
+                engine.set_gradient_accumulation_boundary(position == len(micro_batches) - 1)
+                # DeepSpeed averages gradients over ranks; the loss is already divided by the
+                # whole batch's normaliser, so undo the average to get the summed gradient.
+                engine.backward(loss * ranks.world_size, scale_wrt_gas=False)
                 engine.step()
             else:
                 loss.backward()
             loss_value += float(loss.detach())
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
+        if ranks.distributed:  # metrics of the whole batch, not of this rank's shards
+            names = sorted(totals)
+            summed = _sum_over_ranks([loss_value] + [totals[k] for k in names], ranks)
+            loss_value, totals = summed[0], dict(zip(names, summed[1:], strict=True))
         if engine is not None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         else:
@@ -721,6 +912,7 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
             "train/lr": scheduler.get_last_lr()[0],
             "train/tokens_per_s": totals.get("tokens", 0.0) / elapsed,
             "train/samples_per_s": n / elapsed,
+            "train/examples": n,
             "train/step_time_s": elapsed,
             "train/sample_ids": indices,
         }
@@ -731,7 +923,8 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         if "completion_tokens" in totals:
             record["train/nll"] = totals["nll_sum"] / max(totals["completion_tokens"], 1.0)
         last = {k: v for k, v in record.items() if isinstance(v, float | int)}
-        if (step + 1) % config.logging_steps == 0 or step + 1 == schedule.total_steps:
+        if ranks.is_main and (
+                (step + 1) % config.logging_steps == 0 or step + 1 == schedule.total_steps):
             _write_metrics(metrics_path, record)
             if writer is not None:
                 for key, value in last.items():
@@ -755,18 +948,22 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
     steps_done = start_step + executed
     if steps_done != schedule.total_steps:  # verl#7401-style silent early exits are bugs
         raise TrainingError(f"ran {steps_done} steps, expected {schedule.total_steps}")
+    _barrier(ranks)  # every rank sees the same checkpoints before deciding to save
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None or latest.name != f"step-{steps_done:08d}":
         save(steps_done)
     final_dir, tmp_dir = run_dir / "model", run_dir / ".tmp-model"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if ranks.is_main:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     save_model(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp_dir, final_dir)
-    run_info["steps_done"] = steps_done
-    run_info["train_loop_s"] = loop_s
-    run_info["final_metrics"] = last
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    if ranks.is_main:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp_dir, final_dir)
+        run_info["steps_done"] = steps_done
+        run_info["train_loop_s"] = loop_s
+        run_info["final_metrics"] = last
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    _barrier(ranks)  # no rank returns before the final model is in place
     return RunResult(run_dir, final_dir, steps_done, export.sha256, report, last)
 
 

@@ -123,7 +123,10 @@ def test_shared_prompt_forward_equals_full_sequences_in_value_and_gradient(tiny_
     grads_b = torch.autograd.grad(b.sum(), list(tiny_policy.parameters()))
     torch.testing.assert_close(torch.cat([b[0::2], b[1::2]]), a, rtol=1e-5, atol=1e-5)
     for ga, gb in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+        # Relative to the tensor's scale: the tied embedding's gradient (max ~7) sums the lm_head's
+        # contributions in another order on the two paths (observed 3.3e-5, i.e. 5e-6 of the max);
+        # a gradient path missing through the cache would differ by the gradient itself.
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6 + 1e-5 * float(ga.abs().max()))
 
 
 def test_sequence_rewards_read_the_last_real_token(tiny_model_dir, tokenizer):

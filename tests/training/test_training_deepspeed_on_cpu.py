@@ -66,14 +66,18 @@ def test_deepspeed_zero2_resume_equals_uninterrupted(preference_file, tiny_model
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
 
 
-def test_multi_process_deepspeed_is_refused_before_any_compute(monkeypatch, tmp_path):
-    """Until batches are sharded by rank, a multi-rank launch must fail loudly, not train every
-    rank on all the data and race on one checkpoint folder."""
-    from training.config import load_config
-    from training.trainer import TrainingError, _init_deepspeed
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["deepspeed=zero2", "batch_size=3"], "batch_size=3 .* divisible by the number of ranks"),
+    (["deepspeed=none"], "multi-process training runs under DeepSpeed"),
+])
+def test_multi_process_configs_that_cannot_work_fail_before_any_compute(
+        overrides, message, monkeypatch, tmp_path):
+    """A 2-rank launch whose micro-batch cannot be split evenly, or without DeepSpeed (which does
+    the gradient all-reduce), fails with a clear error before the data is even read."""
+    from training.trainer import TrainingError, train_from_cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = load_config("dpo", None, ["data=x.jsonl", "model=m", f"out={tmp_path}",
-                                       "deepspeed=zero2"])
-    with pytest.raises(TrainingError, match="WORLD_SIZE=2"):
-        _init_deepspeed(config, model=None, total_steps=1)  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match=message):
+        train_from_cli("dpo", data=str(tmp_path / "missing.jsonl"), model="m",
+                       out=str(tmp_path / "run"), overrides=overrides)
+    assert not (tmp_path / "run").exists()

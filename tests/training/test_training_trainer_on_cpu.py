@@ -149,7 +149,8 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(preference_file, tiny
     with pytest.raises(KeyboardInterrupt):
         run("dpo", preference_file, tiny_model_dir, tmp_path / "b", *args,
             on_step_end=crash_after_step_3)
-    assert ckpt.latest_checkpoint(tmp_path / "b").name == "step-00000002"
+    interrupted = ckpt.latest_checkpoint(tmp_path / "b")
+    assert interrupted is not None and interrupted.name == "step-00000002"
     (tmp_path / "b" / "checkpoints" / ".tmp-step-00000004-x").mkdir()  # a half-written save
     resumed = run("dpo", preference_file, tiny_model_dir, tmp_path / "b", *args, resume=True)
 
@@ -163,7 +164,9 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(preference_file, tiny
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
-    state = ckpt.load_state(ckpt.latest_checkpoint(resumed.run_dir))
+    latest = ckpt.latest_checkpoint(resumed.run_dir)
+    assert latest is not None
+    state = ckpt.load_state(latest)
     assert state["step"] == 5
     assert max(s["step"] for s in state["optimizer"]["state"].values()) == 5  # Adam steps
 
