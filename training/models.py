@@ -20,6 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,16 +164,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# transformers initialises new models on a process-global meta device: two threads loading at
+# once (the app's blue/green loader beside a round's sampler) fail with "Cannot copy out of meta
+# tensor". Every load in this process takes this lock.
+MODEL_LOAD_LOCK = threading.Lock()
+
+
 def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM (full weights, or a LoRA adapter folder merged onto its base)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+    with MODEL_LOAD_LOCK:
+        if (Path(path) / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 def load_reward_backbone(
@@ -229,3 +237,41 @@ def save_tiny_model(path: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a PEFT LoRA adapter into its base model and save a FULL model folder (+ tokenizer).
+
+    The merged weights are loaded into a freshly built model before saving: a model merged in
+    place generated 1.6-2x slower than a fresh one with the same weights (PLATFORM.md section
+    13), and whoever loads the saved folder gets the fresh layout anyway. The folder is written
+    next to `out_dir` and renamed into place, so a crash leaves no half-written model.
+
+    Args:
+        adapter_dir: a folder with adapter_config.json (what LoRA runs save as `model/`).
+        out_dir: the full Hugging Face folder to create (replaced if it exists).
+
+    Returns:
+        out_dir as a Path.
+    """
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
+    fresh = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
+    fresh.load_state_dict(merged.state_dict())
+    base_name = merged.config._name_or_path or ""
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
