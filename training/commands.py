@@ -1,69 +1,204 @@
-"""`prefloop train {sft,rm,dpo,kto}` and `prefloop plot`: flags in, one training call out.
+"""`prefloop train {sft,rm,dpo,kto,ppo,grpo,rs,online-dpo}` and `prefloop plot`: flags in, one
+training call out.
 
     prefloop export --format trl-preference --out prefs.jsonl
     prefloop train dpo --data prefs.jsonl --model smollm2-135m-instruct --out runs/dpo1 \
         --set beta=0.1 --set max_steps=50
+    prefloop train ppo --prompts prompts.jsonl --model smollm2-135m-instruct \
+        --reward-model runs/rm1/model --colocate actor,ref --colocate critic,reward --out runs/ppo1
+    prefloop train grpo --prompts prompts.jsonl --model smollm2-135m-instruct --out runs/grpo1 \
+        --reward rule:format+accuracy
     prefloop plot runs/dpo1
 
-torch, transformers and deepspeed are imported inside the commands, so `prefloop --help` stays
-fast.
+torch, transformers, ray and deepspeed are imported inside the commands, so `prefloop --help`
+stays fast. Bad input exits with code 2 and one `error:` line; a run that fails part-way (e.g. a
+Ray role died) exits with code 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-MODES = ("sft", "rm", "dpo", "kto")
+OFFLINE_MODES = ("sft", "rm", "dpo", "kto")
+ONLINE_ALGOS = ("grpo", "rs", "online-dpo")
+OFFLINE_HELP = {
+    "sft": "Supervised fine-tuning on an `sft` export (completion-only loss).",
+    "rm": "Train a scalar reward model on preference pairs or rankings.",
+    "dpo": "Direct preference optimisation (and its variants) on preference pairs.",
+    "kto": "Kahneman-Tversky optimisation on unpaired (thumbs up/down) labels.",
+}
+ONLINE_HELP = {
+    "grpo": "GRPO: G samples per prompt, group-normalised advantages, no critic.",
+    "rs": "Rejection sampling (best-of-n): sample, score, fine-tune on the best.",
+    "online-dpo": "Iterative online DPO: sample K per prompt, score, build pairs, DPO, repeat.",
+}
+
+train_app = typer.Typer(
+    help="Train a policy or reward model: offline on an export file (sft, rm, dpo, kto) or "
+    "online with generation on Ray (ppo, grpo, rs, online-dpo).",
+    no_args_is_help=True,
+)
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
     from rich.text import Text
 
     # Text, not markup: a message may contain brackets (paths, JSON); soft_wrap keeps it on
     # one line for whoever greps the output.
     Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), message))
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
-def train_command(
-    mode: Annotated[str, typer.Argument(help="sft | rm | dpo | kto")],
-    data: Annotated[Path, typer.Option(help="An export file (prefloop export), with its "
-                                       "FILE.manifest.json when there is one.")],
-    model: Annotated[str, typer.Option(help="A registered name (smollm2-135m-instruct), a "
-                                       "local Hugging Face folder, or a hub id.")],
-    out: Annotated[Path, typer.Option(help="The run folder: checkpoints, config.json, "
-                                      "metrics.jsonl, the final model.")],
-    config: Annotated[Path | None, typer.Option(help="A TOML config (training/configs/).")
-                      ] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override one config key, e.g. --set beta=0.2 (repeatable; unknown "
-        "keys are errors).")] = None,
-    deepspeed: Annotated[str | None, typer.Option(help="zero1 | zero2 | zero3: run the same "
-                                                  "loop under a DeepSpeed engine.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in "
-                                         "--out.")] = False,
+# Option types shared by the commands (Annotated aliases keep the signatures readable).
+ModelOpt = Annotated[str, typer.Option(help="A registered name (smollm2-135m-instruct), a local "
+                                       "Hugging Face folder, or a hub id.")]
+OutOpt = Annotated[Path, typer.Option(help="The run folder: checkpoints, config.json, "
+                                      "metrics.jsonl, the final model.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="A TOML config (training/configs/).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override one config key, e.g. --set beta=0.2 (repeatable; unknown keys are "
+    "errors).")]
+PromptsOpt = Annotated[Path, typer.Option(help="JSONL prompts: {\"prompt\": str | messages, "
+                                          "\"answer\": optional reference}.")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="A Ray cluster (ray://head:10001 or auto); default: a local Ray.")]
+
+
+# ------------------------------------------------------------------------------ offline
+
+
+def _offline_command(mode: str) -> Callable[..., None]:
+    def command(
+        data: Annotated[Path, typer.Option(help="An export file (prefloop export), with its "
+                                           "FILE.manifest.json when there is one.")],
+        model: ModelOpt,
+        out: OutOpt,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        deepspeed: Annotated[str | None, typer.Option(help="zero1 | zero2 | zero3: run the same "
+                                                      "loop under a DeepSpeed engine.")] = None,
+        resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint "
+                                             "in --out.")] = False,
+    ) -> None:
+        from training.config import ConfigError
+        from training.data import DataError
+        from training.models import ModelNotFoundError
+        from training.trainer import TrainingError, train_from_cli
+
+        try:
+            result = train_from_cli(mode, data=str(data), model=model, out=str(out),
+                                    config_path=config, overrides=list(set_ or []),
+                                    deepspeed=deepspeed, resume=resume)
+        except (ConfigError, DataError, ModelNotFoundError, TrainingError) as exc:
+            raise _fail(str(exc)) from None
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final_metrics.items()))
+        typer.echo(f"{result.run_dir}: {result.steps} steps on data {result.data_sha256[:16]}…; "
+                   f"model in {result.model_dir}" + (f"; {metrics}" if metrics else ""))
+
+    command.__doc__ = OFFLINE_HELP[mode]
+    command.__name__ = f"train_{mode}"
+    return command
+
+
+# ------------------------------------------------------------------------------ online
+
+
+def _report(result: Any) -> None:
+    keys = ("ppo/score", "ppo/kl", "reward/mean", "train/loss")
+    shown = ", ".join(f"{k}={result.metrics[k]:.4g}" for k in keys if k in result.metrics)
+    typer.echo(f"{result.run_dir}: {result.steps} steps; model in {result.model_dir}"
+               + (f"; {shown}" if shown else ""))
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise _fail(f"{what} file {path} does not exist")
+
+
+def ppo_command(
+    prompts: PromptsOpt,
+    model: Annotated[str, typer.Option(help="The initial policy (actor and reference): a "
+                                       "registered name, a folder or a hub id.")],
+    out: OutOpt,
+    reward_model: Annotated[str | None, typer.Option(
+        help="A reward model folder (prefloop train rm). Or give --set reward=SPEC "
+        "(rule:format, or a composition such as rm:PATH*0.5,rule:accuracy*0.5).")] = None,
+    critic_init: Annotated[str | None, typer.Option(
+        help="Critic weights (default: the reward model, else the policy).")] = None,
+    colocate: Annotated[list[str] | None, typer.Option(
+        help="Roles sharing one Ray actor: actor,ref and/or critic,reward (repeatable).")] = None,
+    ray_address: RayAddressOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Train a policy (sft, dpo, kto) or a reward model (rm) on an export file."""
-    if mode not in MODES:
-        raise _fail(f"mode must be one of {', '.join(MODES)}")
-    from training.config import ConfigError
-    from training.data import DataError
+    """RM + PPO (InstructGPT): actor, critic, reward and reference as Ray actors."""
     from training.models import ModelNotFoundError
-    from training.trainer import TrainingError, train_from_cli
+    from training.ppo import PPOError, run_ppo
+    from training.ray_roles import RoleError
 
+    _check_file(prompts, "prompts")
+    if config is not None:
+        _check_file(config, "config")
     try:
-        result = train_from_cli(mode, data=str(data), model=model, out=str(out),
-                                config_path=config, overrides=list(set_ or []),
-                                deepspeed=deepspeed, resume=resume)
-    except (ConfigError, DataError, ModelNotFoundError, TrainingError) as exc:
+        result = run_ppo(prompts=str(prompts), model=model, reward_model=reward_model,
+                         out=str(out), critic_init=critic_init,
+                         config_path=str(config) if config else None,
+                         overrides=list(set_ or []), colocate=list(colocate or []),
+                         ray_address=ray_address)
+    except (ValueError, ModelNotFoundError) as exc:
+        # PPOConfigError, OnlineDataError (prompts), RewardSpecError: all ValueErrors
         raise _fail(str(exc)) from None
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final_metrics.items()))
-    typer.echo(f"{result.run_dir}: {result.steps} steps on data {result.data_sha256[:16]}…; "
-               f"model in {result.model_dir}" + (f"; {metrics}" if metrics else ""))
+    except (PPOError, RoleError) as exc:
+        raise _fail(str(exc), code=1) from None
+    _report(result)
+
+
+def _online_command(algo: str) -> Callable[..., None]:
+    def command(
+        prompts: PromptsOpt,
+        model: ModelOpt,
+        out: OutOpt,
+        reward: Annotated[str | None, typer.Option(
+            help="Reward spec: rule:format, rule:accuracy, rule:format+accuracy, rm:PATH, or a "
+            "weighted composition (rule:format*0.5,rm:PATH*0.5).")] = None,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        ray_address: RayAddressOpt = None,
+    ) -> None:
+        from training.online import run_online
+
+        _check_file(prompts, "prompts")
+        if config is not None:
+            _check_file(config, "config")
+        overrides = list(set_ or []) + ([f"reward={reward}"] if reward else [])
+        algo_name: Any = algo  # one of ONLINE_ALGOS, run_online's Literal
+        try:
+            result = run_online(algo_name, prompts=str(prompts), model=model, out=str(out),
+                                config_path=str(config) if config else None,
+                                overrides=overrides, ray_address=ray_address)
+        except ValueError as exc:  # config and input errors (ConfigError & co. are ValueErrors)
+            raise _fail(str(exc)) from None
+        except FileNotFoundError as exc:  # e.g. ModelNotFoundError
+            raise _fail(str(exc)) from None
+        except RuntimeError as exc:
+            raise _fail(str(exc), code=1) from None
+        _report(result)
+
+    command.__doc__ = ONLINE_HELP[algo]
+    command.__name__ = f"train_{algo.replace('-', '_')}"
+    return command
+
+
+for _mode in OFFLINE_MODES:
+    train_app.command(_mode)(_offline_command(_mode))
+train_app.command("ppo")(ppo_command)
+for _algo in ONLINE_ALGOS:
+    train_app.command(_algo)(_online_command(_algo))
 
 
 def plot_command(
@@ -80,5 +215,5 @@ def plot_command(
 
 
 def register(root: typer.Typer) -> None:
-    root.command("train")(train_command)
+    root.add_typer(train_app, name="train")
     root.command("plot")(plot_command)
