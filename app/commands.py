@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -141,8 +142,22 @@ def up(
     workers: Annotated[int, typer.Option(
         min=1, help="Worker processes (each with its own rate limits; on SQLite they share "
         "the one writer).")] = 1,
+    rounds_every: Annotated[float | None, typer.Option(
+        min=1.0, help="Run a training round every this many seconds.")] = None,
+    rounds_cron: Annotated[str | None, typer.Option(
+        help="Run a training round on this cron expression (e.g. '0 3 * * *').")] = None,
+    rounds_after_labels: Annotated[int | None, typer.Option(
+        min=1, help="Run a training round once this many new labels have arrived.")] = None,
+    round_config: Annotated[Path | None, typer.Option(
+        help="The scheduled rounds' TOML config (default feedback/configs/round.toml).")
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option(
+        envvar="PREFLOOP_RUNS_DIR", help="Where scheduled rounds write their runs.")
+    ] = Path("runs"),
 ) -> None:
-    """Serve the API (/api), labeling UI (/label), admin view (/admin) and docs (/docs)."""
+    """Serve the API (/api), labeling UI (/label), admin view (/admin), docs (/docs) and the
+    deployed policy (/v1); with --rounds-every/--rounds-cron/--rounds-after-labels, also run
+    training rounds on that schedule (at most one at a time, across processes)."""
     import os
 
     import uvicorn
@@ -153,17 +168,50 @@ def up(
     db, settings = _store_and_settings()
     # Rebuild the assignment queue's hints (tasks imported or edited while the app was down).
     db.run_write(lambda s: assignment.sync_queue(session=s, full=True))
+    scheduler = None
+    if rounds_every is not None or rounds_cron is not None or rounds_after_labels is not None:
+        scheduler = _round_scheduler(db, host=host, port=port, every=rounds_every,
+                                     cron=rounds_cron, after_labels=rounds_after_labels,
+                                     config=round_config, runs_dir=runs_dir)
     typer.echo(f"prefloop on http://{host}:{port}/ (store: {db.url}, {workers} worker(s); "
                f"policy serving at /v1: {settings.serving})")
     options: dict[str, Any] = {"host": host, "port": port, "log_level": log_level,
                                "access_log": False, "timeout_graceful_shutdown": 5}
-    if workers == 1:
-        uvicorn.run(create_app(settings, db=db), **options)
-        return
-    db.dispose()
-    # Worker processes build their own app from the environment.
-    os.environ["PREFLOOP_DB_URL"] = settings.resolved_db_url()
-    uvicorn.run("app.main:create_app", factory=True, workers=workers, **options)
+    if scheduler is not None:
+        # The scheduler lives in this (the main) process only; the round lock in the store
+        # keeps it to one round at a time even if another process schedules too.
+        scheduler.start()
+        typer.echo(f"rounds: {scheduler.status()}")
+    try:
+        if workers == 1:
+            uvicorn.run(create_app(settings, db=db), **options)
+            return
+        db.dispose()
+        # Worker processes build their own app from the environment.
+        os.environ["PREFLOOP_DB_URL"] = settings.resolved_db_url()
+        uvicorn.run("app.main:create_app", factory=True, workers=workers, **options)
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+
+
+def _round_scheduler(db: Any, *, host: str, port: int, every: float | None, cron: str | None,
+                     after_labels: int | None, config: Path | None, runs_dir: Path) -> Any:
+    from feedback.demo import operator_token
+    from feedback.rounds import DEPLOYED_MODEL, JudgeEndpoint, load_round_config
+    from feedback.schedule import ScheduleConfig, make_round_scheduler
+
+    try:
+        schedule = ScheduleConfig(interval_s=every, cron=cron, min_new_labels=after_labels)
+        round_config = load_round_config(str(config) if config else None)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    # AI judges in scheduled rounds talk to this server's own /v1 (the deployed policy).
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    endpoint = JudgeEndpoint(f"http://{local}:{port}/v1", api_key=operator_token(db),
+                             model=DEPLOYED_MODEL)
+    return make_round_scheduler(db, schedule, round_config=round_config,
+                                runs_dir=str(runs_dir), judge_endpoint=endpoint)
 
 
 def _actor() -> str:

@@ -114,7 +114,13 @@ class Prompt(SQLModel, table=True):
 
 
 class Round(SQLModel, table=True):
-    """One training round of the loop (its state machine is driven by the loop issue)."""
+    """One training round of the loop: a state machine stored here (store/rounds.py writes it).
+
+    `state` names the next stage to run (collect, generate, label, build_dataset, train,
+    evaluate, decide) or the outcome (promoted, rejected, cancelled). Each stage records its
+    outputs under `metrics[<stage>]` in the same transaction that advances `state`, so a resumed
+    round knows exactly what was done. `config` is the resolved round config (frozen at start).
+    """
 
     __tablename__ = "round"
 
@@ -124,7 +130,48 @@ class Round(SQLModel, table=True):
     config: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     metrics: dict[str, Any] | None = Field(default=None, sa_column=_nullable_json())
     error: str | None = Field(default=None, sa_column=Column(Text))
+    # What started it: "manual", "interval", "cron", "labels", "demo".
+    trigger: str | None = Field(default=None, max_length=40)
+    # The folder holding the round's artefacts (dataset + manifest, training run, eval).
+    run_dir: str | None = Field(default=None, max_length=1000)
+    finished_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RoundLock(SQLModel, table=True):
+    """A lease that lets at most one round run at a time, across processes and machines.
+
+    One row per lock name. A holder takes it in a write transaction when it is free or its lease
+    expired, renews it while the round runs (heartbeat) and frees it at the end; a holder that
+    died stops renewing, so the lock frees itself after `expires_at`.
+    """
+
+    __tablename__ = "round_lock"
+
+    name: str = Field(primary_key=True, max_length=40)
+    holder: str | None = Field(default=None, max_length=200)
+    round_id: int | None = Field(default=None, foreign_key="round.id")
+    acquired_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class RoundSchedule(SQLModel, table=True):
+    """What the round scheduler of `prefloop up` is set to and where it stands (admin view).
+
+    `label_watermark` is the largest label id seen when the last round started: the label-count
+    trigger counts labels with a larger id (ids only grow, so nothing is counted twice).
+    """
+
+    __tablename__ = "round_schedule"
+
+    name: str = Field(primary_key=True, max_length=40)
+    config: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    next_run_at: datetime | None = None
+    last_run_at: datetime | None = None
+    last_round_id: int | None = Field(default=None, foreign_key="round.id")
+    label_watermark: int = 0
+    owner: str | None = Field(default=None, max_length=200)
     updated_at: datetime = Field(default_factory=utcnow)
 
 
