@@ -17,6 +17,7 @@ from datetime import UTC, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import func
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from app.schemas import (
@@ -36,14 +37,12 @@ from store import assignment, repo
 from store.db import Database
 from store.errors import Conflict, InvalidInput, NotFound
 from store.models import (
-    Completion,
     Label,
     LeaseState,
     Prompt,
     Role,
     Task,
     TaskKind,
-    TaskLease,
     utcnow,
 )
 from store.values import (
@@ -56,25 +55,16 @@ from store.values import (
 
 T = TypeVar("T")
 
-# SQLite has one writer. Threads of this process queue for it on a lock rather than in SQLite's
-# busy handler, which sleeps in growing steps (up to 100 ms) and so turns contention into tail
-# latency. Other processes on the same file still wait in the busy handler, as before.
-_WRITE_LOCKS: weakref.WeakKeyDictionary[Database, threading.Lock] = (
-    weakref.WeakKeyDictionary())
-_LOCKS_GUARD = threading.Lock()
 # Queue upkeep (new tasks, expired leases) at most this often per store and process.
 HOUSEKEEPING_EVERY_S = 1.0
 _LAST_HOUSEKEEPING: weakref.WeakKeyDictionary[Database, float] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 def write(db: Database, fn: Callable[[Session], T]) -> T:
-    """`db.run_write(fn)`, one writer at a time within this process on SQLite."""
-    if not db.is_sqlite:
-        return db.run_write(fn)
-    with _LOCKS_GUARD:
-        lock = _WRITE_LOCKS.setdefault(db, threading.Lock())
-    with lock:
-        return db.run_write(fn)
+    """`db.run_write(fn)`: one write transaction, retried on transient contention (on SQLite,
+    threads of this process take turns for the one writer inside `Database.write`)."""
+    return db.run_write(fn)
 
 
 def _housekeeping_due(db: Database) -> bool:
@@ -131,7 +121,8 @@ def ranks_to_ranking(ranks: list[int]) -> list[int | list[int]]:
     return out
 
 
-def label_out(label: Label, kind: TaskKind, replayed: bool = False) -> LabelOut:
+def label_out(label: Label | repo.StoredLabel, kind: TaskKind, replayed: bool = False
+              ) -> LabelOut:
     assert label.id is not None
     order = label.shown_order or list(range(len(label.ranks or [0, 0])))
     out = LabelOut(label_id=label.id, task_id=label.task_id, kind=kind.value,
@@ -146,19 +137,15 @@ def label_out(label: Label, kind: TaskKind, replayed: bool = False) -> LabelOut:
     return out
 
 
-def _task_view(session: Session, task: Task, lease: TaskLease, resumed: bool) -> TaskView:
-    assert task.id is not None
-    prompt = session.get(Prompt, task.prompt_id)
-    assert prompt is not None
-    completion_ids = repo.task_completion_ids(session=session, task_id=task.id)
-    contents = {c.id: c.content for c in session.exec(
-        select(Completion).where(col(Completion.id).in_(completion_ids)))}
-    shown = [ShownCompletion(index=i, content=contents[completion_ids[position]])
-             for i, position in enumerate(lease.shown_order)]
-    expires = lease.expires_at if lease.expires_at.tzinfo else lease.expires_at.replace(
-        tzinfo=UTC)
-    return TaskView(task_id=task.id, kind=task.kind.value, prompt=prompt.content,
-                    completions=shown, lease_expires_at=expires, resumed=resumed)
+def _task_view(connection: Connection, claim: assignment.Claim) -> TaskView:
+    contents = assignment.task_contents(connection=connection, task_id=claim.task_id)
+    assert contents is not None  # the lease's foreign key
+    prompt, completions = contents
+    shown = [ShownCompletion(index=i, content=completions[position])
+             for i, position in enumerate(claim.shown_order)]
+    return TaskView(task_id=claim.task_id, kind=claim.kind.value, prompt=prompt,
+                    completions=shown, lease_expires_at=claim.expires_at,
+                    resumed=claim.resumed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,21 +154,27 @@ def _task_view(session: Session, task: Task, lease: TaskLease, resumed: bool) ->
 
 def next_task(db: Database, settings: Settings, user: User, kind: TaskKind) -> TaskView | None:
     """Lease the next task of `kind` to the user (or return the one they already hold)."""
+    housekeeping = _housekeeping_due(db)
 
-    def claim(session: Session) -> tuple[Task, TaskLease, bool] | None:
-        offer = assignment.next_task(
+    def claim(session: Session) -> tuple[assignment.Claim, TaskView | None] | None:
+        found = assignment.claim_next(
             session=session, annotator_id=user.id, kind=kind,
             ttl=timedelta(seconds=settings.lease_ttl_s), gold_rate=settings.gold_rate,
             housekeeping=housekeeping)
-        return None if offer is None else (offer.task, offer.lease, offer.resumed)
+        if found is None:
+            return None
+        # PostgreSQL: read the texts in the same transaction (one round trip, no second
+        # connection). SQLite: read them after it, so the single writer is held shorter.
+        return found, None if db.is_sqlite else _task_view(session.connection(), found)
 
-    housekeeping = _housekeeping_due(db)
     claimed = write(db, claim)
     if claimed is None:
         return None
-    # The texts are read after the write transaction, so the single writer is held shorter.
-    with db.read() as session:
-        return _task_view(session, *claimed)
+    found, view = claimed
+    if view is not None:
+        return view
+    with db.engine.connect() as connection:
+        return _task_view(connection, found)
 
 
 def submit_label(db: Database, user: User, task_id: int, body: LabelIn, *,
@@ -189,19 +182,19 @@ def submit_label(db: Database, user: User, task_id: int, body: LabelIn, *,
     """Store the user's label for a task they were given; replays and conflicts per the store."""
 
     def write_fn(session: Session) -> LabelOut:
-        lease = assignment.lease_of(session=session, task_id=task_id, annotator_id=user.id)
-        task = session.get(Task, task_id)
-        assert task is not None  # the lease's foreign key
-        value = to_canonical(task.kind, body, lease.shown_order)
+        lease = assignment.lease_for_submit(session=session, task_id=task_id,
+                                            annotator_id=user.id)
+        value = to_canonical(lease.kind, body, lease.shown_order)
         if lease.state != LeaseState.submitted:
-            assignment.check_can_submit(session=session, lease=lease)
-        result = repo.submit_label(
+            assignment.check_submit_lease(session=session, lease=lease)
+        stored = repo.record_label(
             session=session, task_id=task_id, annotator_id=user.id, value=value,
             shown_order=lease.shown_order, rationale=body.rationale,
-            idempotency_key=idempotency_key, request_id=request_id)
-        if not result.replayed:
-            assignment.mark_submitted(session=session, lease=lease)
-        return label_out(result.label, task.kind, result.replayed)
+            idempotency_key=idempotency_key, request_id=request_id,
+            shape=repo.TaskShape(lease.kind, lease.k))
+        if not stored.replayed:
+            assignment.mark_lease_submitted(session=session, lease_id=lease.lease_id)
+        return label_out(stored, lease.kind, stored.replayed)
 
     return write(db, write_fn)
 

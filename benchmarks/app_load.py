@@ -1,10 +1,11 @@
 """Load, stress and crash benchmark of the annotator service, run against `prefloop up`.
 
-Simulated annotators (async HTTP clients) pull a pairwise task, think, and submit a label with
-an Idempotency-Key, retrying with the same key on connection errors, 5xx and 429. Afterwards
-the store is compared with what the server acknowledged: lost = acknowledged but not stored,
-duplicated = a submission stored twice or a task labelled beyond its overlap. With --kills N the
-server is SIGKILLed and restarted N times during the run. For a baseline measured in the same
+Simulated annotators (async HTTP/1.1 keep-alive clients, one connection each) pull a pairwise
+task, think, and submit a label with an Idempotency-Key, retrying with the same key on
+connection errors, 5xx and 429. Afterwards the store is compared with what the server
+acknowledged: lost = acknowledged but not stored, duplicated = a submission stored twice or a
+task labelled beyond its overlap. With --kills N the server is SIGKILLed and restarted N times
+during the run. For a baseline measured in the same
 run, the same next+submit is then timed through the store alone (no HTTP).
 
     python benchmarks/app_load.py --backend sqlite --annotators 50 --duration 60
@@ -43,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from store import accounts, assignment, migrate, repo  # noqa: E402
 from store.db import Database, normalise_url  # noqa: E402
-from store.models import Label, Role, TaskKind  # noqa: E402
+from store.models import Annotator, Label, Role, TaskKind  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("PREFLOOP_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CHOICES = ("a", "b", "tie", "both_bad")
@@ -60,7 +61,7 @@ class LoadConfig:
     workers: int = 1
     tasks: int | None = None
     warmup_s: float = 5.0
-    submit_attempts: int = 30
+    submit_attempts: int = 60  # ~110 s of retrying: a restart under heavy load can take 50 s+
     baseline_ops: int = 300
     workdir: Path | None = None
     keep: bool = False
@@ -92,6 +93,16 @@ class Results:
     store_only_p50_ms: float | None = None
     store_only_ops_per_s: float | None = None
     http_over_store_p50: float | None = None
+    # The server's own code path (app.service: two write transactions and the texts read),
+    # called in-process: everything but HTTP, auth, routing and JSON.
+    service_only_p50_ms: float | None = None
+    service_only_ops_per_s: float | None = None
+    http_over_service_p50: float | None = None
+    # CPU the server process(es) and this load generator used during the load, per acked label
+    # (the machine's load average moves wall-clock figures; these move much less).
+    server_cpu_ms_per_label: float | None = None
+    client_cpu_ms_per_label: float | None = None
+    load_average: tuple[float, float, float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +142,9 @@ def seed(db: Database, annotators: int, tasks: int) -> dict[int, str]:
                 token_ttl=timedelta(days=1))
             assert annotator.id is not None
             tokens[annotator.id] = token
+        # One more account for the in-process service baseline.
+        annotator, _token = accounts.create_account(
+            session=session, name="sim-service", role=Role.annotator, token_ttl=timedelta(days=1))
     batch = 500
     for start in range(0, tasks, batch):
         with db.write() as session:
@@ -190,6 +204,21 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("prefloop up did not become ready")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every live process in the server's process group (Linux)."""
+        if self.process is None:
+            return 0.0
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            # fields[2] is the process group; [11], [12] are utime, stime in clock ticks.
+            if int(fields[2]) == self.process.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         """SIGKILL the server and its worker processes (its own process group)."""
         if self.process is not None and self.process.poll() is None:
@@ -227,8 +256,88 @@ async def _backoff(attempt: int) -> None:
     await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
 
 
-async def simulate(annotator_id: int, token: str, base: str, client: httpx.AsyncClient,
-                   cfg: LoadConfig, deadline: float, tally: Tally) -> None:
+class TransportError(Exception):
+    """The connection failed or broke before a whole response arrived."""
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class RawClient:
+    """One annotator's keep-alive HTTP/1.1 connection over asyncio streams.
+
+    The load generator shares the machine with the server, and httpx spent more CPU per label
+    than the server did (measured 13-18 ms a label on a loaded 2-core machine), so the figures
+    measured the client. This speaks just enough HTTP/1.1 for the API: Content-Length bodies,
+    keep-alive, a reconnect after any transport error (the caller then retries with the same
+    Idempotency-Key, as with any lost response)."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float = 5.0,
+                 timeout: float = 30.0):
+        self.host, self.port = host, port
+        self.connect_timeout, self.timeout = connect_timeout, timeout
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            writer = self._streams[1]
+            self._streams = None
+            writer.close()
+
+    async def request(self, method: str, path: str, headers: dict[str, str],
+                      body: Any = None) -> Reply:
+        try:
+            return await asyncio.wait_for(self._request(method, path, headers, body),
+                                          self.timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, IndexError) as exc:
+            await self.close()
+            raise TransportError(repr(exc)) from exc
+
+    async def _request(self, method: str, path: str, headers: dict[str, str],
+                       body: Any) -> Reply:
+        if self._streams is None:
+            self._streams = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.connect_timeout)
+        reader, writer = self._streams
+        payload = b"" if body is None else json.dumps(body).encode()
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                 f"Content-Length: {len(payload)}"]
+        if body is not None:
+            lines.append("Content-Type: application/json")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+        await writer.drain()
+        status_line = await reader.readuntil(b"\r\n")
+        status = int(status_line.split(b" ", 2)[1])
+        reply_headers: dict[str, str] = {}
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            reply_headers[name.strip().lower()] = value.strip()
+        if "content-length" not in reply_headers:
+            raise ValueError("response without Content-Length")
+        data = await reader.readexactly(int(reply_headers["content-length"]))
+        if reply_headers.get("connection", "").lower() == "close":
+            await self.close()
+        return Reply(status, reply_headers, data)
+
+
+async def simulate(annotator_id: int, token: str, client: RawClient, cfg: LoadConfig,
+                   deadline: float, tally: Tally) -> None:
     rng = random.Random(annotator_id)
     headers = {"Authorization": f"Bearer {token}"}
     while time.monotonic() < deadline:
@@ -236,9 +345,9 @@ async def simulate(annotator_id: int, token: str, base: str, client: httpx.Async
         for attempt in range(cfg.submit_attempts):
             started = time.perf_counter()
             try:
-                response = await client.get(f"{base}/api/tasks/next?kind=pairwise",
-                                            headers=headers)
-            except httpx.TransportError:
+                response = await client.request("GET", "/api/tasks/next?kind=pairwise",
+                                                headers)
+            except TransportError:
                 tally.connect_errors += 1
                 await _backoff(attempt)
                 continue
@@ -262,10 +371,10 @@ async def simulate(annotator_id: int, token: str, base: str, client: httpx.Async
         for attempt in range(cfg.submit_attempts):
             started = time.perf_counter()
             try:
-                response = await client.post(
-                    f"{base}/api/tasks/{task['task_id']}/labels", json=body,
-                    headers={**headers, "Idempotency-Key": key})
-            except httpx.TransportError:
+                response = await client.request(
+                    "POST", f"/api/tasks/{task['task_id']}/labels",
+                    {**headers, "Idempotency-Key": key}, body)
+            except TransportError:
                 tally.connect_errors += 1
                 await _backoff(attempt)
                 continue
@@ -293,24 +402,26 @@ async def simulate(annotator_id: int, token: str, base: str, client: httpx.Async
 async def drive(cfg: LoadConfig, server: Server, tokens: dict[int, str],
                 restarts: list[float]) -> tuple[Tally, float, float]:
     tally = Tally()
-    limits = httpx.Limits(max_connections=cfg.annotators + 10,
-                          max_keepalive_connections=cfg.annotators + 10)
-    timeout = httpx.Timeout(30.0, connect=5.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        started = time.monotonic()
-        deadline = started + cfg.duration_s
+    started = time.monotonic()
+    deadline = started + cfg.duration_s
 
-        async def chaos() -> None:
-            for k in range(cfg.kills):
-                await asyncio.sleep(started + cfg.duration_s * (k + 1) / (cfg.kills + 1)
-                                    - time.monotonic())
-                server.kill()
-                restarts.append(await asyncio.to_thread(server.start))
+    async def chaos() -> None:
+        for k in range(cfg.kills):
+            await asyncio.sleep(started + cfg.duration_s * (k + 1) / (cfg.kills + 1)
+                                - time.monotonic())
+            server.kill()
+            restarts.append(await asyncio.to_thread(server.start))
 
-        simulated = list(tokens.items())[: cfg.annotators]
-        await asyncio.gather(chaos(), *(simulate(a, t, server.base, client, cfg, deadline,
-                                                 tally) for a, t in simulated))
-        return tally, started, time.monotonic()
+    simulated = list(tokens.items())[: cfg.annotators]
+    clients = [RawClient("127.0.0.1", server.port) for _ in simulated]
+    try:
+        await asyncio.gather(chaos(), *(simulate(a, t, client, cfg, deadline, tally)
+                                        for (a, t), client in zip(simulated, clients,
+                                                                  strict=True)))
+    finally:
+        for client in clients:
+            await client.close()
+    return tally, started, time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +500,35 @@ def store_only_baseline(db: Database, annotator_id: int, ops: int, results: Resu
         results.store_only_ops_per_s = len(latencies) / elapsed
 
 
+def service_only_baseline(db: Database, annotator_id: int, ops: int, results: Results) -> None:
+    """The server's next + submit (app.service), in-process: no HTTP, no auth, no JSON."""
+    from app import service
+    from app.schemas import LabelIn
+    from app.settings import Settings
+
+    settings = Settings()
+    with db.read() as session:
+        annotator = session.get(Annotator, annotator_id)
+        assert annotator is not None
+        user = service.User(id=annotator_id, name=annotator.name, role=Role.annotator,
+                            token_id=0)
+    latencies = []
+    started = time.perf_counter()
+    for i in range(ops):
+        t0 = time.perf_counter()
+        view = service.next_task(db, settings, user, TaskKind.pairwise)
+        if view is None:
+            break
+        service.submit_label(db, user, view.task_id,
+                             LabelIn.model_validate({"choice": CHOICES[i % 4]}),
+                             idempotency_key=f"service-baseline-{i}")
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    if latencies:
+        results.service_only_p50_ms = 1000 * statistics.median(latencies)
+        results.service_only_ops_per_s = len(latencies) / elapsed
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -399,7 +539,7 @@ def run(cfg: LoadConfig) -> Results:
                                       * (6 if cfg.think_max_s == 0 else 2.5 / cfg.think_max_s)))
     results = Results(config={**asdict(cfg), "workdir": str(workdir), "tasks": tasks})
     db_url = fresh_database(cfg, workdir)
-    db = Database.from_url(db_url, sqlite_synchronous=cfg.synchronous)  # type: ignore[arg-type]
+    db = Database.from_url(db_url, sqlite_synchronous=cfg.synchronous)
     server: Server | None = None
     try:
         tokens = seed(db, cfg.annotators, tasks)
@@ -414,7 +554,14 @@ def run(cfg: LoadConfig) -> Results:
                "PREFLOOP_SQLITE_SYNCHRONOUS": cfg.synchronous}
         server = Server(db_url, port, workdir / "server.log", env, cfg.workers)
         server.start()
+        server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
         tally, started, ended = asyncio.run(drive(cfg, server, tokens, results.restarts_s))
+        results.load_average = os.getloadavg()
+        if cfg.kills == 0 and tally.acked:
+            results.server_cpu_ms_per_label = round(
+                1000 * (server.cpu_seconds() - server_cpu) / len(tally.acked), 2)
+            results.client_cpu_ms_per_label = round(
+                1000 * (time.process_time() - client_cpu) / len(tally.acked), 2)
         server.stop()
         steady = [s for t0, s in tally.submit_latency if t0 - _perf_origin(started) >=
                   cfg.warmup_s]
@@ -431,8 +578,12 @@ def run(cfg: LoadConfig) -> Results:
         results.first_errors = tally.errors[:5]
         verify(db, tally, set(list(tokens)[: cfg.annotators]), results)
         store_only_baseline(db, list(tokens)[-1], cfg.baseline_ops, results)
+        service_only_baseline(db, max(tokens) + 1, cfg.baseline_ops, results)
         if results.store_only_p50_ms and results.submit_p50_ms:
             results.http_over_store_p50 = results.submit_p50_ms / results.store_only_p50_ms
+        if results.service_only_p50_ms and results.submit_p50_ms:
+            results.http_over_service_p50 = (results.submit_p50_ms
+                                             / results.service_only_p50_ms)
     finally:
         if server is not None:
             server.stop()
@@ -495,6 +646,11 @@ def main() -> None:
           f"{results.http_5xx} | {results.writes_per_s:.1f} | {results.submit_p50_ms} / "
           f"{results.submit_p99_ms} / {results.submit_max_ms} | {_fmt(results.store_only_p50_ms)}"
           f" | {_fmt(results.http_over_store_p50)}x | {results.integrity} |")
+    print(f"service-only (in-process app.service) p50 {_fmt(results.service_only_p50_ms)} ms, "
+          f"{_fmt(results.service_only_ops_per_s)} next+submit/s")
+    print(f"server CPU {results.server_cpu_ms_per_label} ms/label, load generator CPU "
+          f"{results.client_cpu_ms_per_label} ms/label, load average at the end "
+          f"{results.load_average}")
     if args.json:
         args.json.write_text(json.dumps(data, indent=2, default=str))
 

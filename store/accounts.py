@@ -4,6 +4,11 @@ A token is 32 random bytes (URL-safe base64) shown once; the store keeps only it
 leaked database does not leak usable tokens. Every function takes `*, session` like store/repo.py
 and never commits.
 
+`lookup_token` is the web app's per-request check: one Core SELECT, no ORM objects. Callers that
+cache its answer (app/auth.py) watch `changes_epoch()`: it moves whenever this process changes a
+token or an account through the ORM (revocation, deactivation), once at the flush and once more
+after the commit, so a cached answer never outlives an in-process revocation.
+
     with db.write() as session:
         annotator, token = create_account(session=session, name="ana", role=Role.annotator)
 """
@@ -11,8 +16,15 @@ and never commits.
 from __future__ import annotations
 
 import secrets
+import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from sqlalchemy import event, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import object_session
 from sqlmodel import Session, col, select
 
 from store import repo
@@ -105,11 +117,10 @@ def needs_touch(row: ApiToken, now: datetime | None = None) -> bool:
 
 
 def touch_token(*, session: Session, token_id: int) -> None:
-    row = session.get(ApiToken, token_id)
-    if row is not None:
-        row.last_used_at = utcnow()
-        session.add(row)
-        session.flush()
+    # A Core UPDATE: last_used_at is bookkeeping, not a change that must invalidate cached
+    # authentications (the ORM events below would).
+    session.connection().execute(update(ApiToken).where(col(ApiToken.id) == token_id)
+                                 .values(last_used_at=utcnow()))
 
 
 def revoke_token(*, session: Session, token_id: int) -> ApiToken:
@@ -156,3 +167,82 @@ def list_accounts(*, session: Session) -> list[tuple[Annotator, int]]:
             ApiToken.annotator_id == annotator.id, col(ApiToken.revoked_at).is_(None))).all()
         out.append((annotator, sum(1 for t in tokens if _aware(t.expires_at) > now)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-request check, and the signal that cached answers must be dropped
+
+
+@dataclass(frozen=True)
+class LiveToken:
+    """A live token and its account, as the web app needs them on every request."""
+
+    token_id: int
+    annotator_id: int
+    name: str
+    role: Role
+    expires_at: datetime  # aware UTC
+    last_used_at: datetime | None  # aware UTC
+
+
+_TOKEN_COLUMNS = (col(ApiToken.id), col(ApiToken.annotator_id), col(Annotator.name),
+                  col(Annotator.role), col(ApiToken.expires_at), col(ApiToken.last_used_at),
+                  col(ApiToken.revoked_at), col(Annotator.active), col(Annotator.kind))
+_LOOKUP = (sa_select(*_TOKEN_COLUMNS)
+           .join(Annotator, col(Annotator.id) == col(ApiToken.annotator_id)))
+
+
+def lookup_token(*, connection: Connection, token: str, now: datetime | None = None
+                 ) -> LiveToken | None:
+    """`find_account` in one Core statement: the live token and account, or None."""
+    if not token or len(token) > 200:
+        return None
+    row = connection.execute(
+        _LOOKUP.where(col(ApiToken.token_hash) == hash_token(token))).first()
+    if row is None:
+        return None
+    token_id, annotator_id, name, role, expires, last_used, revoked, active, kind = row
+    now = now or utcnow()
+    expires = _aware(expires)
+    if revoked is not None or expires <= now:
+        return None
+    if not active or role is None or kind != AnnotatorKind.human:
+        return None
+    assert token_id is not None  # a primary key
+    return LiveToken(token_id=token_id, annotator_id=annotator_id, name=name, role=Role(role),
+                     expires_at=expires,
+                     last_used_at=_aware(last_used) if last_used is not None else None)
+
+
+def last_used_is_stale(last_used_at: datetime | None, now: datetime | None = None) -> bool:
+    now = now or utcnow()
+    return last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION
+
+
+_epoch_lock = threading.Lock()
+_epoch = 0
+
+
+def changes_epoch() -> int:
+    """A number that moves whenever this process changes a token or account row (ORM)."""
+    return _epoch
+
+
+def _bump(*_args: Any) -> None:
+    global _epoch
+    with _epoch_lock:
+        _epoch += 1
+
+
+def _on_change(_mapper: Any, _connection: Any, target: Any) -> None:
+    # Once now (the flush) and once after the commit: an answer looked up between the two
+    # (before the change was visible) is then dropped as well.
+    _bump()
+    session = object_session(target)
+    if session is not None:
+        event.listen(session, "after_commit", _bump, once=True)
+
+
+for _model in (ApiToken, Annotator):
+    for _when in ("after_update", "after_delete"):
+        event.listen(_model, _when, _on_change)

@@ -2,19 +2,25 @@
 
 Each function takes the session as a keyword (`*, session`) and never commits: the caller owns
 the transaction (`Database.write()` or `Database.run_write`), so one submit is one transaction.
-Creations that may race with another writer (`get_or_create_*`, `submit_label`) run their insert
-inside a SAVEPOINT and, on a unique-key clash, read back the row the other writer stored; that is
-what makes them safe on PostgreSQL's concurrent transactions as well as on SQLite's single
-writer.
+Creations that may race with another writer (`get_or_create_*`) run their insert inside a
+SAVEPOINT and, on a unique-key clash, read back the row the other writer stored; a label
+(`record_label`, in SQLAlchemy Core, which `submit_label` wraps) is an INSERT ... ON CONFLICT DO
+NOTHING RETURNING followed, when nothing was inserted, by reading the label that is there. Both
+are safe on PostgreSQL's concurrent transactions as well as on SQLite's single writer.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_
+from sqlalchemy import Insert, Table, bindparam, func, insert, or_
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -308,6 +314,31 @@ class SubmitResult:
     replayed: bool
 
 
+@dataclass(frozen=True)
+class StoredLabel:
+    """A label as `record_label` returns it: plain values, no ORM object."""
+
+    id: int
+    task_id: int
+    annotator_id: int
+    choice: str | None
+    ranks: list[int] | None
+    ratings: list[float] | None
+    shown_order: list[int] | None
+    rationale: str | None
+    created_at: datetime  # aware UTC
+    # True when an earlier submit with the same idempotency key and body is being replayed.
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """A task's kind and number of completions, when the caller has already read them."""
+
+    kind: TaskKind
+    k: int
+
+
 def _request_hash(task_id: int, status: LabelStatus, value: dict[str, Any],
                   shown_order: list[int] | None, rationale: str | None,
                   confidence: float | None) -> str:
@@ -315,6 +346,130 @@ def _request_hash(task_id: int, status: LabelStatus, value: dict[str, Any],
         "task_id": task_id, "status": status.value, "value": value, "shown_order": shown_order,
         "rationale": rationale, "confidence": confidence,
     }))
+
+
+def _table(model: Any) -> Table:
+    table: Table = model.__table__
+    return table
+
+
+_LABEL, _TASK, _ITEM = _table(Label), _table(Task), _table(TaskItem)
+_ANNOTATOR, _AUDIT = _table(Annotator), _table(AuditEvent)
+_TASK_SHAPE = sa_select(
+    _TASK.c.kind,
+    sa_select(func.count()).select_from(_ITEM).where(_ITEM.c.task_id == _TASK.c.id)
+    .scalar_subquery(),
+    sa_select(_ANNOTATOR.c.id).where(_ANNOTATOR.c.id == bindparam("b_annotator"))
+    .scalar_subquery(),
+).where(_TASK.c.id == bindparam("b_task"))
+_LABEL_COLUMNS = (_LABEL.c.id, _LABEL.c.task_id, _LABEL.c.idempotency_key,
+                  _LABEL.c.request_hash, _LABEL.c.choice, _LABEL.c.ranks, _LABEL.c.ratings,
+                  _LABEL.c.shown_order, _LABEL.c.rationale, _LABEL.c.created_at)
+# The labels that already answer a submit: the same key, or the same task, of this annotator
+# (with no key, `= NULL` matches nothing and only the task counts).
+_EXISTING = sa_select(*_LABEL_COLUMNS).where(
+    _LABEL.c.annotator_id == bindparam("b_annotator"),
+    or_(_LABEL.c.idempotency_key == bindparam("b_key"),
+        _LABEL.c.task_id == bindparam("b_task")))
+_INSERT_AUDIT = insert(_AUDIT)
+
+
+@functools.cache
+def _insert_label(postgres: bool) -> Insert:
+    # DO NOTHING on any unique key (task+annotator, annotator+idempotency key): the caller then
+    # reads what is there and replays or refuses, in the same transaction.
+    dialect_insert = pg_insert if postgres else sqlite_insert
+    return dialect_insert(_LABEL).on_conflict_do_nothing().returning(_LABEL.c.id)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def record_label(
+    *,
+    session: Session,
+    task_id: int,
+    annotator_id: int,
+    value: dict[str, Any] | None,
+    shown_order: list[int] | None = None,
+    rationale: str | None = None,
+    confidence: float | None = None,
+    details: dict[str, Any] | None = None,
+    status: LabelStatus = LabelStatus.submitted,
+    idempotency_key: str | None = None,
+    request_id: str | None = None,
+    shape: TaskShape | None = None,
+) -> StoredLabel:
+    """`submit_label` in SQLAlchemy Core (same rules, same checks, same audit event), returning
+    plain values: an INSERT ... ON CONFLICT DO NOTHING RETURNING and the audit INSERT for a new
+    label; one SELECT more for a replay or a refusal.
+
+    `shape` (the task's kind and size) skips reading the task and the annotator; pass it only
+    when both were read in this transaction (the web service reads them with the lease).
+    """
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise InvalidInput("Idempotency-Key must have 1 to 200 characters")
+    if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
+        raise InvalidInput(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise InvalidInput("confidence must be between 0 and 1")
+    session.flush()  # Core statements below must see the session's pending rows
+    connection = session.connection()
+    if shape is None:
+        found = connection.execute(_TASK_SHAPE, {"b_task": task_id,
+                                                 "b_annotator": annotator_id}).first()
+        if found is None:
+            raise NotFound(f"task {task_id} does not exist")
+        if found[2] is None:
+            raise NotFound(f"annotator {annotator_id} does not exist")
+        shape = TaskShape(TaskKind(found[0]), int(found[1]))
+    if status == LabelStatus.invalid:
+        clean: dict[str, Any] = {}
+    elif value is None:
+        raise InvalidInput("a submitted label needs a value")
+    else:
+        clean = normalise_label_value(shape.kind, shape.k, value)
+    if shown_order is not None:
+        shown_order = validate_shown_order(shown_order, shape.k)
+    request_hash = _request_hash(task_id, status, clean, shown_order, rationale, confidence)
+    now = utcnow()
+    row: dict[str, Any] = {
+        "task_id": task_id, "annotator_id": annotator_id, "status": status,
+        "choice": clean.get("choice"), "ranks": clean.get("ranks"),
+        "ratings": clean.get("ratings"), "shown_order": shown_order, "rationale": rationale,
+        "confidence": confidence, "details": details, "idempotency_key": idempotency_key,
+        "request_hash": request_hash, "created_at": now, "updated_at": now,
+    }
+    label_id = connection.execute(
+        _insert_label(connection.dialect.name == "postgresql"), row).scalar()
+    if label_id is not None:
+        snapshot = {"task_id": task_id, "annotator_id": annotator_id, "status": status.value,
+                    "choice": row["choice"], "ranks": row["ranks"], "ratings": row["ratings"],
+                    "shown_order": shown_order, "rationale": rationale,
+                    "confidence": confidence}
+        connection.execute(_INSERT_AUDIT, {
+            "entity": "label", "entity_id": label_id, "action": "create",
+            "actor_id": annotator_id, "request_id": request_id, "new": snapshot, "at": now})
+        return StoredLabel(int(label_id), task_id, annotator_id, row["choice"], row["ranks"],
+                           row["ratings"], shown_order, rationale, now, replayed=False)
+    # A label is already there (stored earlier, or by a concurrent transaction that has now
+    # committed): replay it (same key, same body) or refuse.
+    rows = connection.execute(_EXISTING, {"b_annotator": annotator_id, "b_key": idempotency_key,
+                                          "b_task": task_id}).all()
+    by_key = [r for r in rows if idempotency_key is not None and r[2] == idempotency_key]
+    if by_key:
+        (found_id, found_task, _key, found_hash, choice, ranks, ratings, order, found_rationale,
+         created_at) = by_key[0]
+        if found_hash != request_hash:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was already used with a different request")
+        return StoredLabel(found_id, found_task, annotator_id, choice, ranks, ratings, order,
+                           found_rationale, _aware(created_at), replayed=True)
+    if rows:
+        raise Conflict(f"annotator {annotator_id} has already labelled task {task_id}")
+    # Not a label conflict, so some other unique key failed: a real error, not a race.
+    raise AssertionError(f"label insert for task {task_id} did nothing and no label explains it")
 
 
 def submit_label(
@@ -337,89 +492,16 @@ def submit_label(
     for an `invalid` label (a judge output that could not be parsed). Rules, in order:
     same idempotency key + same body replays the stored label; same key + another body is
     `IdempotencyMismatch`; a second label by the same annotator on the task is `Conflict`.
+    The work is `record_label`'s; this returns the stored row as an ORM object.
     """
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        raise InvalidInput("Idempotency-Key must have 1 to 200 characters")
-    if rationale is not None and len(rationale) > MAX_RATIONALE_CHARS:
-        raise InvalidInput(f"rationale is longer than {MAX_RATIONALE_CHARS} characters")
-    if confidence is not None and not 0.0 <= confidence <= 1.0:
-        raise InvalidInput("confidence must be between 0 and 1")
-    # One query for the task and its size, one for any label that already answers the request.
-    found = session.exec(
-        select(Task, func.count(col(TaskItem.id)))
-        .join(TaskItem, col(TaskItem.task_id) == col(Task.id))
-        .where(Task.id == task_id)
-        .group_by(col(Task.id))
-    ).first()
-    if found is None:
-        raise NotFound(f"task {task_id} does not exist")
-    task, k = found
-    if session.get(Annotator, annotator_id) is None:
-        raise NotFound(f"annotator {annotator_id} does not exist")
-    if status == LabelStatus.invalid:
-        clean: dict[str, Any] = {}
-    elif value is None:
-        raise InvalidInput("a submitted label needs a value")
-    else:
-        clean = normalise_label_value(task.kind, k, value)
-    if shown_order is not None:
-        shown_order = validate_shown_order(shown_order, k)
-    request_hash = _request_hash(task_id, status, clean, shown_order, rationale, confidence)
-
-    def resolve_existing() -> SubmitResult | None:
-        """Replay (same key, same body), refuse (same key, other body, or a second label)."""
-        same_task = col(Label.task_id) == task_id
-        same_key = (col(Label.idempotency_key) == idempotency_key if idempotency_key is not None
-                    else same_task)
-        rows = session.exec(
-            select(Label).where(Label.annotator_id == annotator_id, or_(same_key, same_task))
-        ).all()
-        by_key = [r for r in rows if idempotency_key is not None
-                  and r.idempotency_key == idempotency_key]
-        if by_key:
-            if by_key[0].request_hash != request_hash:
-                raise IdempotencyMismatch(
-                    "this Idempotency-Key was already used with a different request"
-                )
-            return SubmitResult(by_key[0], replayed=True)
-        if rows:
-            raise Conflict(f"annotator {annotator_id} has already labelled task {task_id}")
-        return None
-
-    existing = resolve_existing()
-    if existing is not None:
-        return existing
-
-    label = Label(
-        task_id=task_id, annotator_id=annotator_id, status=status,
-        choice=clean.get("choice"), ranks=clean.get("ranks"), ratings=clean.get("ratings"),
+    stored = record_label(
+        session=session, task_id=task_id, annotator_id=annotator_id, value=value,
         shown_order=shown_order, rationale=rationale, confidence=confidence, details=details,
-        idempotency_key=idempotency_key, request_hash=request_hash,
-    )
-
-    def insert() -> None:
-        session.add(label)
-        session.flush()
-        assert label.id is not None
-        session.add(AuditEvent(entity="label", entity_id=label.id, action="create",
-                               actor_id=annotator_id, request_id=request_id,
-                               new=label_snapshot(label)))
-        session.flush()
-
-    if session.get_bind().dialect.name == "sqlite":
-        # Writers are serialised by BEGIN IMMEDIATE: nobody can have inserted since the check.
-        insert()
-        return SubmitResult(label, replayed=False)
-    try:
-        with session.begin_nested():
-            insert()
-    except IntegrityError:
-        # Another transaction stored a label first: answer as if it had been there before.
-        existing = resolve_existing()
-        if existing is None:
-            raise
-        return existing
-    return SubmitResult(label, replayed=False)
+        status=status, idempotency_key=idempotency_key, request_id=request_id)
+    # populate_existing: the row was written by a Core statement, not through this session.
+    label = session.get(Label, stored.id, populate_existing=True)
+    assert label is not None
+    return SubmitResult(label, stored.replayed)
 
 
 def update_label(

@@ -9,9 +9,11 @@ visible only to the annotator it was leased to, a label only to its author; anyt
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from app import metrics, service
 from app.auth import AdminUser, CurrentUser, Store
@@ -61,13 +63,18 @@ def me(user: CurrentUser, db: Store) -> Me:
     return Me(annotator_id=user.id, name=user.name, role=user.role.value, labels=page.total)
 
 
+# The two hot routes are async and hand only the store work to the thread pool: a sync route
+# costs two thread hops (FastAPI also validates a sync route's response in the pool).
+
+
 @router.get("/tasks/next", response_model=NextTask)
-def next_task(request: Request, user: CurrentUser, db: Store,
-              kind: Literal["pairwise", "listwise", "binary"] = "pairwise") -> NextTask:
+async def next_task(request: Request, user: CurrentUser, db: Store,
+                    kind: Literal["pairwise", "listwise", "binary"] = "pairwise") -> NextTask:
     """Lease the next task of `kind` to you, or return the one you already hold.
 
     Completions come in the order you must refer to them in (`a`/`b`, ranking indices)."""
-    view = service.next_task(db, _settings(request), user, TaskKind(kind))
+    view = await run_in_threadpool(service.next_task, db, _settings(request), user,
+                                   TaskKind(kind))
     if view is None:
         return NextTask(task=None, message=f"No {kind} tasks are waiting for you right now.")
     return NextTask(task=view)
@@ -75,7 +82,7 @@ def next_task(request: Request, user: CurrentUser, db: Store,
 
 @router.post("/tasks/{task_id}/labels", response_model=LabelOut, status_code=201,
              responses={200: {"model": LabelOut, "description": "Replayed"}})
-def submit_label(
+async def submit_label(
     request: Request, response: Response, task_id: TaskId, body: LabelIn, user: CurrentUser,
     db: Store,
     idempotency_key: Annotated[str, Header(alias="Idempotency-Key", min_length=1,
@@ -87,8 +94,9 @@ def submit_label(
     if not allowed:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many submits, slow down",
                             headers={"Retry-After": str(max(1, round(wait)))})
-    out = service.submit_label(db, user, task_id, body, idempotency_key=idempotency_key,
-                               request_id=_request_id(request))
+    out = await run_in_threadpool(
+        functools.partial(service.submit_label, db, user, task_id, body,
+                          idempotency_key=idempotency_key, request_id=_request_id(request)))
     if out.replayed:
         response.status_code = status.HTTP_200_OK
     return out

@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlmodel import select
 
+from app import auth
 from store import accounts
 from store.db import Database
-from store.models import ApiToken, TaskKind
+from store.models import ApiToken, Role, TaskKind, utcnow
 from tests.app.conftest import bearer
 from tests.app.helpers import add_task, add_user
 
@@ -60,7 +62,8 @@ def _call(client: TestClient, method: str, path: str, headers: dict[str, str],
 
 def test_every_route_needs_a_token(two_annotators: dict[str, Any]) -> None:
     client = two_annotators["client"]
-    ids = {"task_id": two_annotators["labelled"], "label_id": two_annotators["label_id"]}
+    ids = {"task_id": two_annotators["labelled"], "label_id": two_annotators["label_id"],
+           "model": "any-model"}  # the OpenAI-compatible routes (/v1/models/{model})
     routes = _routes(client)
     assert len(routes) >= 10
     for method, path in routes:
@@ -219,3 +222,115 @@ def test_cli_users_add_prints_token_last(tmp_path: Any, monkeypatch: Any) -> Non
     with db.read() as session:
         assert accounts.find_token(session=session, token=token) is None
     db.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process cache of verified tokens
+
+
+def _count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = accounts.lookup_token
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(1)
+        return real(**kwargs)
+
+    monkeypatch.setattr(accounts, "lookup_token", counting)
+    return calls
+
+
+def test_a_verified_token_is_cached_and_a_revocation_here_ends_it_at_once(
+        db: Database, make_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_client(db)
+    ann, token = add_user(db, "ann")
+    bob, other = add_user(db, "bob")
+    lookups = _count_lookups(monkeypatch)
+    for _ in range(5):
+        assert client.get("/api/me", headers=bearer(token)).status_code == 200
+    assert len(lookups) == 1  # one store lookup, then the cache
+    with db.read() as session:  # the lookup still refreshed last_used_at
+        row = session.exec(select(ApiToken).where(ApiToken.annotator_id == ann)).one()
+        assert row.last_used_at is not None
+
+    # Revoking someone else's token in this process drops every cached entry...
+    assert client.get("/api/me", headers=bearer(other)).status_code == 200
+    db.run_write(lambda s: accounts.revoke_tokens(session=s, annotator_id=bob))
+    assert client.get("/api/me", headers=bearer(other)).status_code == 401
+    # ...so ann's next request is checked again (and is still fine).
+    assert client.get("/api/me", headers=bearer(token)).status_code == 200
+    assert len(lookups) == 4
+    db.run_write(lambda s: accounts.revoke_tokens(session=s, annotator_id=ann))
+    assert client.get("/api/me", headers=bearer(token)).status_code == 401
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A fake clock, in seconds from now, for the token cache and the account checks."""
+    offset = [0.0]
+    base = utcnow()
+    monkeypatch.setattr(auth, "_monotonic", lambda: 1000.0 + offset[0])
+    for module in (auth, accounts):
+        monkeypatch.setattr(module, "utcnow", lambda: base + timedelta(seconds=offset[0]))
+    return offset
+
+
+def test_a_change_by_another_process_takes_effect_within_the_cache_ttl(
+        db: Database, make_client: Client, clock: list[float]) -> None:
+    client = make_client(db)
+    ann, token = add_user(db, "ann")
+    assert client.get("/api/me", headers=bearer(token)).status_code == 200
+    # A Core UPDATE, as `prefloop users revoke` in another process would be seen from here:
+    # this process hears nothing of it, so the cached answer stands until its TTL ends.
+    with db.engine.begin() as connection:
+        connection.execute(update(ApiToken).where(ApiToken.annotator_id == ann)  # type: ignore[arg-type]
+                           .values(revoked_at=utcnow()))
+    clock[0] = auth.TOKEN_CACHE_TTL_S - 0.01
+    assert client.get("/api/me", headers=bearer(token)).status_code == 200
+    clock[0] = auth.TOKEN_CACHE_TTL_S
+    assert client.get("/api/me", headers=bearer(token)).status_code == 401
+
+
+def test_a_cached_token_still_expires_on_time(db: Database, make_client: Client,
+                                              clock: list[float]) -> None:
+    client = make_client(db)
+    ann, _ = add_user(db, "ann")
+    short, _ = db.run_write(lambda s: accounts.issue_token(
+        session=s, annotator_id=ann, ttl=timedelta(seconds=2)))
+    assert auth.TOKEN_CACHE_TTL_S > 2  # the token ends before its cache entry would
+    assert client.get("/api/me", headers=bearer(short)).status_code == 200
+    clock[0] = 1.99
+    assert client.get("/api/me", headers=bearer(short)).status_code == 200
+    clock[0] = 2.0
+    assert client.get("/api/me", headers=bearer(short)).status_code == 401
+
+
+def test_changes_epoch_moves_at_flush_and_after_commit_but_not_on_touch(db: Database) -> None:
+    ann, _ = add_user(db, "ann")
+    before = accounts.changes_epoch()
+    token_id = db.run_write(lambda s: accounts.issue_token(
+        session=s, annotator_id=ann, ttl=timedelta(hours=1)))[1].id
+    assert accounts.changes_epoch() == before  # a new token changes no cached answer
+    db.run_write(lambda s: accounts.touch_token(session=s, token_id=token_id))
+    assert accounts.changes_epoch() == before  # bookkeeping, not a revocation
+    with db.write() as session:
+        accounts.revoke_token(session=session, token_id=token_id)
+        at_flush = accounts.changes_epoch()
+    # An answer read between the flush and the commit (the revocation not yet visible) carries
+    # `at_flush` and is dropped by the second move.
+    assert before < at_flush < accounts.changes_epoch()
+
+
+def test_token_cache_entries_end_at_ttl_epoch_or_touch_time() -> None:
+    cache = auth.TokenCache(ttl_s=5.0, max_entries=2)
+    user = auth.User(id=1, name="ann", role=Role.annotator, token_id=1)
+    epoch = accounts.changes_epoch()
+    cache.put("a", auth._Cached(user, epoch, valid_until=10.0, last_used_stale_at=20.0))
+    cache.put("b", auth._Cached(user, epoch, valid_until=20.0, last_used_stale_at=8.0))
+    assert (cache.get("a", 9.0), cache.get("a", 10.0)) == (user, None)
+    assert (cache.get("b", 7.9), cache.get("b", 8.0)) == (user, None)
+    cache.put("c", auth._Cached(user, epoch - 1, valid_until=99.0, last_used_stale_at=99.0))
+    assert cache.get("c", 1.0) is None  # from before a change made in this process
+    for key in ("d", "e", "f"):  # full: cleared rather than grown without bound
+        cache.put(key, auth._Cached(user, epoch, valid_until=99.0, last_used_stale_at=99.0))
+    assert (cache.get("d", 1.0), cache.get("f", 1.0)) == (None, user)

@@ -245,3 +245,47 @@ def test_absent_json_values_are_sql_null_so_is_null_filters_see_them(db):
         assert s.exec(select(Task.id).where(Task.gold.is_not(None))).all() == [gold.id]
         assert s.exec(text("SELECT COUNT(*) FROM label WHERE ranks IS NULL AND details IS NULL "
                            "AND shown_order IS NULL")).one()[0] == 1
+
+
+def test_record_label_core_path_matches_the_orm_row_and_its_audit_event(db):
+    """The Core write path (`record_label`, used by the web service with the task's shape
+    already known) stores the same row and audit event as the ORM API, and replays/refuses
+    by the same rules."""
+    with db.write() as s:
+        task = factories.task(s, TaskKind.listwise, k=3)
+        alice = factories.annotator(s, "alice")
+        task_id, alice_id = task.id, alice.id
+        stored = repo.record_label(session=s, task_id=task_id, annotator_id=alice_id,
+                                   value={"ranks": [2, 1, 2]}, shown_order=[2, 0, 1],
+                                   rationale="why", idempotency_key="k1", request_id="req-9",
+                                   shape=repo.TaskShape(TaskKind.listwise, 3))
+    assert not stored.replayed
+    [label] = _labels(db)
+    assert (stored.id, stored.task_id, stored.ranks, stored.shown_order, stored.rationale) == (
+        label.id, task_id, [2, 1, 2], [2, 0, 1], "why")
+    assert label.request_hash is not None and label.status == LabelStatus.submitted
+    with db.read() as s:
+        [event] = s.exec(select(AuditEvent)).all()
+    assert (event.entity, event.entity_id, event.action, event.actor_id, event.request_id,
+            event.old) == ("label", label.id, "create", alice_id, "req-9", None)
+    assert event.new == repo.label_snapshot(label)
+    # Replay without the shape (the task is read), then a different body, then another key.
+    with db.write() as s:
+        again = repo.record_label(session=s, task_id=task_id, annotator_id=alice_id,
+                                  value={"ranks": [2, 1, 2]}, shown_order=[2, 0, 1],
+                                  rationale="why", idempotency_key="k1")
+    assert again.replayed and again.id == label.id and again.ranks == [2, 1, 2]
+    assert again.created_at == stored.created_at.replace(microsecond=again.created_at.microsecond)
+    with pytest.raises(IdempotencyMismatch), db.write() as s:
+        repo.record_label(session=s, task_id=task_id, annotator_id=alice_id,
+                          value={"ranks": [1, 2, 3]}, shown_order=[2, 0, 1],
+                          rationale="why", idempotency_key="k1")
+    with pytest.raises(Conflict), db.write() as s:
+        repo.record_label(session=s, task_id=task_id, annotator_id=alice_id,
+                          value={"ranks": [1, 2, 3]}, idempotency_key="k2")
+    with pytest.raises(NotFound), db.write() as s:
+        repo.record_label(session=s, task_id=task_id, annotator_id=alice_id + 1000,
+                          value={"ranks": [1, 2, 3]}, idempotency_key="k3")
+    assert len(_labels(db)) == 1
+    with db.read() as s:
+        assert len(s.exec(select(AuditEvent)).all()) == 1
