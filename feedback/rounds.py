@@ -104,7 +104,7 @@ class GenerateConfig:
     """pairwise: most pairs kept per prompt among the C(K,2) (seeded choice)."""
     overlap: int = 1
     """Human annotators wanted per task (the annotator queue serves the round's tasks)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int = 32
 
     def __post_init__(self) -> None:
