@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install prefloop with every CPU extra into ./.venv and run the whole test suite (all but `gpu`).
+# Install prefloop with every CPU extra into ./.venv and run the whole test suite (all but `gpu`
+# and the 15-20 minute `demo` test; the README's main command runs the same demo).
 #
 #   bash scripts/test.sh                 # everything CI runs
 #   bash scripts/test.sh -m "not slow"   # extra pytest arguments replace the default selection
@@ -35,5 +36,5 @@ mypy
 if [ "$#" -gt 0 ]; then
   python -m pytest "$@"
 else
-  python -m pytest -m "not gpu"
+  python -m pytest -m "not gpu and not demo"
 fi

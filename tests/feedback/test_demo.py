@@ -76,6 +76,7 @@ def test_demo_runs_rounds_with_the_ai_judge_on_the_apps_own_endpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_the_readme_demo_improves_held_out_reward_over_three_rounds(sqlite_db, tmp_path):
     config = load_round_config(CONFIG_DIR / "demo.toml")
     result = run_demo(sqlite_db, config, rounds=3, runs_dir=tmp_path / "runs")
