@@ -100,3 +100,16 @@ def test_help_and_version_load_no_heavy_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(cli.__file__).parent)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--rounds-cron", "every tuesday"], "not a valid cron expression"),
+     (["--rounds-every", "60", "--round-config", "missing.toml"], "missing.toml"),
+     (["--rounds-every", "0"], "--rounds-every")],
+)
+def test_up_refuses_a_bad_round_schedule_before_serving(run, args, message):
+    result = run("up", "--port", "1", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "prefloop on http" not in result.output  # nothing was started
