@@ -6,6 +6,9 @@ overrides. Unknown keys and ill-typed values are errors, and every cross-field r
 `__post_init__`, before any model is loaded. The resolved config is saved as `config.json` beside
 the run's outputs.
 
+The field-type checks, `key=value` parsing, TOML reading and JSON saving below are generic over the
+config dataclass and its error class: `training.online_config` and `training.ppo_config` use them.
+
     python -c "from training.config import load_config; print(load_config('dpo', None, \
 ['data=x.jsonl', 'model=smollm2-135m-instruct', 'out=runs/x', 'beta=0.2']))"
 """
@@ -13,10 +16,12 @@ the run's outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -39,8 +44,22 @@ class ConfigError(ValueError):
     """A configuration that cannot run (unknown key, wrong type, inconsistent values)."""
 
 
+class SavableConfig:
+    """`to_dict` and `save` for the frozen config dataclasses (Train-, Online-, PPOConfig)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        fields = dataclasses.fields(typing.cast(Any, self))  # subclasses are dataclasses
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields}
+
+    def save(self, path: Path) -> None:
+        """Write the resolved config as JSON."""
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SavableConfig):
     """Everything one `prefloop train MODE` run needs. Units are in the field names."""
 
     # --- what to train ---------------------------------------------------------------------
@@ -165,76 +184,107 @@ class TrainConfig:
         """True when the loss compares the policy with a frozen reference policy."""
         return self.loss_type not in REFERENCE_FREE
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
 
-    def save(self, path: Path) -> None:
-        """Write the resolved config as JSON."""
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+# --- generic over the config dataclass `cls` and the error class it raises --------------------
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The declared type of each field of the dataclass `cls` (resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check (and lightly convert) one value against the declared type of field `name`."""
-    if name not in _FIELD_TYPES:
-        known = ", ".join(sorted(_FIELD_TYPES))
-        raise ConfigError(f"unknown config key {name!r}; known keys: {known}")
-    expected = _FIELD_TYPES[name]
+def coerce_field(cls: type, name: str, value: Any, error: type[Exception] = ConfigError, *,
+                 strip_lists: bool = True) -> Any:
+    """Check (and lightly convert) one value against the declared type of field `name` of `cls`.
+
+    A string given for a list field is split at commas; `strip_lists` also strips the items, which
+    is wrong where spaces matter (generation stop strings such as " Q:" or "\\n\\n").
+    """
+    known = field_types(cls)
+    if name not in known:
+        raise error(f"unknown config key {name!r}; known keys: {', '.join(sorted(known))}")
+    expected = known[name]
     origin = get_origin(expected)
     if origin is Literal:
         if value not in get_args(expected):
-            raise ConfigError(f"{name} must be one of {get_args(expected)}, got {value!r}")
+            raise error(f"{name} must be one of {get_args(expected)}, got {value!r}")
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            items = (v.strip() for v in value.split(",")) if strip_lists else value.split(",")
+            value = [v for v in items if v]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+            raise error(f"{name} must be a list of strings, got {value!r}")
         return tuple(value)
     if origin in (types.UnionType, typing.Union):
-        raise ConfigError(f"unsupported field type for {name}")  # none today; keep types simple
+        raise error(f"unsupported field type for {name}")  # none today; keep types simple
     if expected is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise error(f"{name} must be true or false, got {value!r}")
     if expected is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise error(f"{name} must be an integer, got {value!r}")
     if expected is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise error(f"{name} must be a number, got {value!r}")
     if expected is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    raise ConfigError(f"unsupported field type for {name}: {expected}")
+        raise error(f"{name} must be a string, got {value!r}")
+    raise error(f"unsupported field type for {name}: {expected}")
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def parse_key_value(item: str, cls: type, error: type[Exception] = ConfigError) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as a TOML literal, else as a string."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
+        raise error(f"override {item!r} is not of the form key=value")
     key, raw = (part.strip() for part in item.split("=", 1))
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare strings such as paths or `zero2`
-    if _FIELD_TYPES.get(key) is str and not isinstance(value, str):
+        value = raw  # bare strings such as paths, `zero2` or `rule:format`
+    if field_types(cls).get(key) is str and not isinstance(value, str):
         value = raw  # e.g. model=123 stays the string "123"
     return key, value
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A flat TOML config file; a missing or unreadable file is a config error, not a crash."""
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: {err}") from err
+    except FileNotFoundError:
+        raise error(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise error(f"{path}: {err}") from err
+
+
+def resolve_fields(cls: type, files: Iterable[Path], overrides: Iterable[str],
+                   error: type[Exception] = ConfigError, *, strip_lists: bool = True,
+                   pin: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    """Type-checked field values of `cls` from TOML `files` then `key=value` overrides (later wins).
+
+    pin: (key, value, what fixes it), e.g. ("mode", "dpo", "the command"): a layer that sets
+    `key` to another value is an error, and the result always holds key=value.
+    """
+    layers = [read_toml(path, error) for path in files]
+    layers.append(dict(parse_key_value(item, cls, error) for item in overrides))
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if pin is not None and key == pin[0] and value != pin[1]:
+                raise error(f"config says {key}={value!r} but {pin[2]} is {pin[1]!r}")
+            values[key] = coerce_field(cls, key, value, error, strip_lists=strip_lists)
+    if pin is not None:
+        values[pin[0]] = pin[1]
+    return values
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one `key=value` TrainConfig override (see parse_key_value)."""
+    return parse_key_value(item, TrainConfig)
 
 
 def load_config(mode: str, toml_path: Path | None, overrides: list[str]) -> TrainConfig:
@@ -250,26 +300,17 @@ def load_config(mode: str, toml_path: Path | None, overrides: list[str]) -> Trai
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-    values: dict[str, Any] = {}
-    layers: list[dict[str, Any]] = []
-    bundled = CONFIG_DIR / f"{mode}.toml"
-    if bundled.exists():
-        layers.append(_read_toml(bundled))
+    files = [path for path in (CONFIG_DIR / f"{mode}.toml",) if path.exists()]
     if toml_path is not None:
-        layers.append(_read_toml(Path(toml_path)))
-    layers.append(dict(parse_override(item) for item in overrides))
-    for layer in layers:
-        for key, value in layer.items():
-            if key == "mode" and value != mode:
-                raise ConfigError(f"config says mode={value!r} but the command is {mode!r}")
-            values[key] = _coerce(key, value)
-    values["mode"] = mode
-    return TrainConfig(**values)
+        files.append(Path(toml_path))
+    return TrainConfig(**resolve_fields(TrainConfig, files, overrides,
+                                        pin=("mode", mode, "the command")))
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from a saved config.json (type-checked like any other input)."""
-    return TrainConfig(**{key: _coerce(key, value) for key, value in data.items()})
+    return TrainConfig(**{key: coerce_field(TrainConfig, key, value)
+                          for key, value in data.items()})
 
 
 __all__ = ["LOSS_TYPES", "MODES", "ConfigError", "TrainConfig", "config_from_dict", "load_config"]

@@ -11,24 +11,26 @@ print(l('grpo', None, ['prompts=p.jsonl', 'model=smollm2-135m-instruct', 'out=ru
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
-from training.config import ConfigError
+from training.config import (
+    CONFIG_DIR,
+    ConfigError,
+    SavableConfig,
+    parse_key_value,
+    resolve_fields,
+)
 
 Algo = Literal["grpo", "rs", "online-dpo"]
 ALGOS: tuple[str, ...] = get_args(Algo)
-CONFIG_DIR = Path(__file__).parent / "configs"
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "robust", "rdpo")
 
 
 @dataclass(frozen=True)
-class OnlineConfig:
+class OnlineConfig(SavableConfig):
     """One `run_online` run. Units are in the field names."""
 
     # --- what to train ---------------------------------------------------------------------
@@ -157,71 +159,10 @@ class OnlineConfig:
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules must name at least one module")
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(OnlineConfig)
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check (and lightly convert) one value against the declared type of field `name`."""
-    if name not in _FIELD_TYPES:
-        raise ConfigError(f"unknown config key {name!r}; known keys: "
-                          f"{', '.join(sorted(_FIELD_TYPES))}")
-    expected = _FIELD_TYPES[name]
-    origin = get_origin(expected)
-    if origin is Literal:
-        if value not in get_args(expected):
-            raise ConfigError(f"{name} must be one of {get_args(expected)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
-        return tuple(value)
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if expected is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{name} must be a string, got {value!r}")
-
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """One `key=value`; the value is read as a TOML literal, else kept as a string."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, raw = (part.strip() for part in item.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    if _FIELD_TYPES.get(key) is str and not isinstance(value, str):
-        value = raw
-    return key, value
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: {err}") from err
+    """One `key=value` OnlineConfig override (see training.config.parse_key_value)."""
+    return parse_key_value(item, OnlineConfig)
 
 
 def config_file(algo: str) -> Path:
@@ -238,20 +179,12 @@ def load_online_config(algo: str, toml_path: str | Path | None,
     """
     if algo not in ALGOS:
         raise ConfigError(f"algo must be one of {ALGOS}, got {algo!r}")
-    layers: list[dict[str, Any]] = []
-    if config_file(algo).exists():
-        layers.append(_read_toml(config_file(algo)))
+    files = [path for path in (config_file(algo),) if path.exists()]
     if toml_path is not None:
-        layers.append(_read_toml(Path(toml_path)))
-    layers.append(dict(parse_override(item) for item in overrides))
-    values: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key == "algo" and value != algo:
-                raise ConfigError(f"config says algo={value!r} but the run is {algo!r}")
-            values[key] = _coerce(key, value)
-    values["algo"] = algo
-    return OnlineConfig(**values)
+        files.append(Path(toml_path))
+    # No stripping of comma-separated list items: stop = " Q:" or "\n\n" must stay as written.
+    return OnlineConfig(**resolve_fields(OnlineConfig, files, overrides, strip_lists=False,
+                                         pin=("algo", algo, "the run")))
 
 
 __all__ = ["ALGOS", "Algo", "OnlineConfig", "config_file", "load_online_config"]

@@ -14,13 +14,11 @@ arXiv:2405.11143, "PPO implementation tricks"), so each can be switched off and 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
+
+from training.config import SavableConfig, coerce_field, parse_key_value, resolve_fields
 
 CONFIG_PATH = Path(__file__).parent / "configs" / "ppo.toml"
 
@@ -30,7 +28,7 @@ class PPOConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(SavableConfig):
     """Everything one PPO run needs. Steps are PPO iterations (rollout + update) unless a field
     says optimizer steps."""
 
@@ -223,68 +221,10 @@ class PPOConfig:
     def critic_source(self) -> str:
         return self.critic_init or self.reward_model or self.model
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(PPOConfig)
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check (and lightly convert) one value against the declared type of field `name`."""
-    if name not in _FIELD_TYPES:
-        raise PPOConfigError(f"unknown config key {name!r}; known keys: "
-                             f"{', '.join(sorted(_FIELD_TYPES))}")
-    expected = _FIELD_TYPES[name]
-    origin = get_origin(expected)
-    if origin is Literal:
-        if value not in get_args(expected):
-            raise PPOConfigError(f"{name} must be one of {get_args(expected)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise PPOConfigError(f"{name} must be a list of strings, got {value!r}")
-        return tuple(value)
-    checks: dict[Any, tuple[Any, str]] = {bool: (bool, "true or false"),
-                                          int: (int, "an integer"), str: (str, "a string")}
-    if expected is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise PPOConfigError(f"{name} must be a number, got {value!r}")
-    kind, words = checks[expected]
-    if not isinstance(value, kind) or (expected is int and isinstance(value, bool)):
-        raise PPOConfigError(f"{name} must be {words}, got {value!r}")
-    return value
-
 
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse one `key=value`; the value is read as a TOML literal, else kept as a string."""
-    if "=" not in item:
-        raise PPOConfigError(f"override {item!r} is not of the form key=value")
-    key, raw = (part.strip() for part in item.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings: paths, rule:format
-    if _FIELD_TYPES.get(key) is str and not isinstance(value, str):
-        value = raw
-    return key, value
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise PPOConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise PPOConfigError(f"{path}: {err}") from err
+    return parse_key_value(item, PPOConfig, PPOConfigError)
 
 
 def load_ppo_config(toml_path: Path | str | None, overrides: list[str]) -> PPOConfig:
@@ -293,20 +233,14 @@ def load_ppo_config(toml_path: Path | str | None, overrides: list[str]) -> PPOCo
     Raises:
         PPOConfigError: unknown key, wrong type, or an invalid combination.
     """
-    layers = [_read_toml(CONFIG_PATH)]
-    if toml_path is not None:
-        layers.append(_read_toml(Path(toml_path)))
-    layers.append(dict(parse_override(item) for item in overrides))
-    values: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            values[key] = _coerce(key, value)
-    return PPOConfig(**values)
+    files = [CONFIG_PATH] if toml_path is None else [CONFIG_PATH, Path(toml_path)]
+    return PPOConfig(**resolve_fields(PPOConfig, files, overrides, PPOConfigError))
 
 
 def ppo_config_from_dict(data: dict[str, Any]) -> PPOConfig:
     """Rebuild a PPOConfig from a saved config.json (type-checked like any other input)."""
-    return PPOConfig(**{key: _coerce(key, value) for key, value in data.items()})
+    return PPOConfig(**{key: coerce_field(PPOConfig, key, value, PPOConfigError)
+                        for key, value in data.items()})
 
 
 __all__ = ["PPOConfig", "PPOConfigError", "load_ppo_config", "parse_override",
