@@ -161,6 +161,14 @@ class TrainSection:
 class EvaluateConfig:
     win_rate_threshold: float = 0.55
     """Promote when the gate judge's win rate of candidate vs deployed reaches this."""
+    ties: Literal["half", "drop"] = "half"
+    """How the gate's win rate counts ties (tie and both_bad): "half" = (wins + ties/2) / n, as
+    AlpacaEval; "drop" = wins / (wins + losses), the decisive verdicts only, as Chatbot Arena's
+    pairwise win fractions. With an exact rule judge most held-out pairs tie (both right or both
+    wrong), and "half" then pulls every candidate towards 0.5 whatever its decisive record."""
+    min_decisive: int = 0
+    """Reject unless the gate judge reached at least this many decisive verdicts (wins +
+    losses): a 1-0 record is not evidence."""
     gate_judge: str | None = None
     """The judge (annotator name) whose win rate gates promotion; default the first judge."""
     judges: tuple[str, ...] = ()
@@ -175,6 +183,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.win_rate_threshold <= 1.0, "evaluate.win_rate_threshold in [0, 1]")
         _check(self.kl_reference in ("base", "deployed"), "evaluate.kl_reference: base|deployed")
+        _check(self.ties in ("half", "drop"), "evaluate.ties: half|drop")
+        _check(self.min_decisive >= 0, "evaluate.min_decisive must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -351,10 +361,24 @@ def win_rates(session: Session, task_ids: Sequence[int], candidate_first: Mappin
     out = {}
     for name, tally in sorted(tallies.items()):
         n = tally["wins"] + tally["losses"] + tally["ties"]
+        decisive = tally["wins"] + tally["losses"]
         out[name] = {"wins": tally["wins"], "losses": tally["losses"], "ties": tally["ties"],
                      "invalid": tally["invalid"], "n": n,
-                     "win_rate": (tally["wins"] + 0.5 * tally["ties"]) / n if n else 0.5}
+                     "win_rate": (tally["wins"] + 0.5 * tally["ties"]) / n if n else 0.5,
+                     "decisive_win_rate": tally["wins"] / decisive if decisive else 0.5}
     return out
+
+
+def promotion_decision(win_rate: float | None, decisive: int, *, threshold: float,
+                       min_decisive: int, ties: str) -> tuple[bool, str]:
+    """The gate: promote iff there is a win rate, at least `min_decisive` decisive verdicts
+    (wins + losses) behind it, and it reaches `threshold`. Returns (promote, reason)."""
+    if win_rate is None:
+        return False, "no valid eval verdicts"
+    if decisive < min_decisive:
+        return False, f"{decisive} decisive verdicts < min_decisive {min_decisive}"
+    promote = win_rate >= threshold
+    return promote, f"win rate {win_rate:.3f} (ties {ties}) {'>=' if promote else '<'} {threshold}"
 
 
 def arithmetic_prompts(n: int, seed: int, split: str) -> list[dict[str, Any]]:
@@ -925,9 +949,12 @@ class RoundRunner:
             rates = win_rates(session, list(candidate_first), candidate_first, empty=empty,
                               judges=[j.annotator_name for j in judges])
         gate = ev.gate_judge or judges[0].annotator_name
-        gate_rate = rates.get(gate, {}).get("win_rate")
+        gate_stats = rates.get(gate, {})
+        gate_rate = gate_stats.get("win_rate" if ev.ties == "half" else "decisive_win_rate")
         kls = result["kl"]
-        outputs = {"win_rate": gate_rate, "gate_judge": gate, "win_rates": rates,
+        outputs = {"win_rate": gate_rate, "gate_judge": gate, "ties": ev.ties,
+                   "decisive": gate_stats.get("wins", 0) + gate_stats.get("losses", 0),
+                   "win_rates": rates,
                    "reward": reward, "kl": sum(kls) / len(kls) if kls else 0.0,
                    "kl_reference": ev.kl_reference, "n_prompts": len(prompts),
                    "n_tasks": len(candidate_first), "judges": judge_stats,
@@ -949,10 +976,10 @@ class RoundRunner:
         if "candidate_id" not in train:
             return StageResult({"decision": "rejected", "reason": train.get("skipped")},
                                to="rejected")
-        win_rate = evaluation.get("win_rate")
-        promote = win_rate is not None and win_rate >= threshold
-        reason = (f"win rate {win_rate:.3f} {'>=' if promote else '<'} {threshold}"
-                  if win_rate is not None else "no valid eval verdicts")
+        promote, reason = promotion_decision(
+            evaluation.get("win_rate"), int(evaluation.get("decisive", 0)),
+            threshold=threshold, min_decisive=config.evaluate.min_decisive,
+            ties=config.evaluate.ties)
         candidate_id, actor = int(train["candidate_id"]), f"round:{rnd.id}"
 
         def write(session: Session) -> dict[str, Any]:
