@@ -227,10 +227,46 @@ class StopText:
 
 
 # ---------------------------------------------------------------------------------------------
+# What both engines share
+
+
+class _EngineBase:
+    """The request bookkeeping both engines share: refuse new work once closed, wrap a request
+    in a Job, hand it to the engine's own scheduling, and turn its outcome into events."""
+
+    def __init__(self, policy: ServedPolicy):
+        self.policy = policy
+        self._closed = False
+
+    def submit(self, request: GenerationRequest, emit: Emit) -> Job:
+        if self._closed:
+            raise NotServing(f"the engine of {self.policy.name!r} is closed")
+        job = Job(request, emit)
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: Job) -> None:
+        """Schedule `job` (it runs through `_deliver` later); raise Busy when full."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _deliver(job: Job, produce: Callable[[Job], Generation], failure: str) -> None:
+        """Run `produce(job)` and send Done, or Failed with the ServingError it raised. Any
+        other exception is the model's or the transport's: EngineFailed (502), prefixed with
+        `failure`, and the engine keeps serving."""
+        try:
+            job.send(Done(produce(job)))
+        except ServingError as exc:
+            job.send(Failed(exc))
+        except Exception as exc:
+            job.send(Failed(EngineFailed(f"{failure}: {type(exc).__name__}: {exc}")))
+
+
+# ---------------------------------------------------------------------------------------------
 # Hugging Face engine
 
 
-class HFEngine:
+class HFEngine(_EngineBase):
     """A causal LM in this process, one request at a time from a bounded queue."""
 
     def __init__(self, policy: ServedPolicy, *, max_queue: int = 32, device: str = "cpu",
@@ -239,7 +275,7 @@ class HFEngine:
 
         from training.models import load_policy, load_tokenizer, resolve_model
 
-        self.policy = policy
+        super().__init__(policy)
         path = resolve_model(policy.weights_uri)
         self.tokenizer: Any = load_tokenizer(path)
         model: Any = load_policy(path, dtype=getattr(torch, dtype))
@@ -247,20 +283,15 @@ class HFEngine:
         self.device = device
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._closed = False
         self._worker = threading.Thread(target=self._serve, daemon=True,
                                         name=f"hf-engine-{policy.name}")
         self._worker.start()
 
-    def submit(self, request: GenerationRequest, emit: Emit) -> Job:
-        if self._closed:
-            raise NotServing(f"the engine of {self.policy.name!r} is closed")
-        job = Job(request, emit)
+    def _enqueue(self, job: Job) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise Busy(f"{self._queue.maxsize} requests are already waiting; retry") from None
-        return job
 
     def close(self) -> None:
         self._closed = True
@@ -281,13 +312,7 @@ class HFEngine:
                 continue
             if job.cancelled.is_set():
                 continue
-            try:
-                job.send(Done(self._generate(job)))
-            except ServingError as exc:
-                job.send(Failed(exc))
-            except Exception as exc:  # the model itself failed: report it, keep serving
-                job.send(Failed(EngineFailed(f"generation failed: {type(exc).__name__}: "
-                                             f"{exc}")))
+            self._deliver(job, self._generate, "generation failed")
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -376,7 +401,7 @@ def _as_list(value: Any) -> list[int]:
 # Upstream (OpenAI-compatible server) engine
 
 
-class UpstreamEngine:
+class UpstreamEngine(_EngineBase):
     """Proxies to an OpenAI-compatible server. At most `max_concurrency` requests are sent at
     once and `max_queue` more wait; beyond that, Busy."""
 
@@ -385,23 +410,18 @@ class UpstreamEngine:
                  max_concurrency: int = 16, max_queue: int = 32):
         import httpx
 
-        self.policy = policy
+        super().__init__(policy)
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
                                     timeout=httpx.Timeout(timeout_s, connect=10.0))
         self._slots = threading.BoundedSemaphore(max_concurrency + max_queue)
         self._running = threading.BoundedSemaphore(max_concurrency)
-        self._closed = False
 
-    def submit(self, request: GenerationRequest, emit: Emit) -> Job:
-        if self._closed:
-            raise NotServing(f"the engine of {self.policy.name!r} is closed")
+    def _enqueue(self, job: Job) -> None:
         if not self._slots.acquire(blocking=False):
             raise Busy("the upstream server already has the maximum of requests; retry")
-        job = Job(request, emit)
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
-        return job
 
     def close(self) -> None:
         self._closed = True
@@ -411,11 +431,8 @@ class UpstreamEngine:
         try:
             with self._running:
                 if not job.cancelled.is_set():
-                    job.send(Done(self._stream(job)))
-        except ServingError as exc:
-            job.send(Failed(exc))
-        except Exception as exc:  # transport errors: the upstream is down or cut us off
-            job.send(Failed(EngineFailed(f"upstream server: {type(exc).__name__}: {exc}")))
+                    # A transport error (the upstream is down or cut us off) is EngineFailed.
+                    self._deliver(job, self._stream, "upstream server")
         finally:
             self._slots.release()
 

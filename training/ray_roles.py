@@ -83,6 +83,12 @@ class SequenceBatch:
                              self.position_ids.to(device), self.completion_mask.to(device),
                              self.prompt_width)
 
+    def rows(self, index: torch.Tensor) -> SequenceBatch:
+        """The rows `index` (a mini-batch), same widths."""
+        return SequenceBatch(self.input_ids[index], self.attention_mask[index],
+                             self.position_ids[index], self.completion_mask[index],
+                             self.prompt_width)
+
 
 def collate_rollouts(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
                      pad_id: int) -> SequenceBatch:
@@ -284,9 +290,57 @@ class StepLedger:
 # ------------------------------------------------------------------------------ the roles
 
 
-class ActorRole:
+class _TrainedRole:
+    """What the actor and the critic share: trainable weights with an AdamW optimizer, an LR
+    schedule and a step ledger, which step together and are checkpointed together."""
+
+    role_name: str  # "actor" or "critic", as checkpoint errors name it
+    cfg: PPOConfig
+    model: Any
+    trainable: list[Any]
+    optimizer: Any
+    scheduler: Any
+    ledger: StepLedger
+
+    def _optimizer_step(self) -> float:
+        """Clip the gradients, step the optimizer and the LR schedule; returns the grad norm."""
+        import torch
+
+        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ledger.optimizer_steps += 1
+        return grad_norm
+
+    def state(self) -> dict[str, Any]:
+        return {"trainable": _trainable_state(self.model),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "applied_step": self.ledger.applied_step,
+                "optimizer_steps": self.ledger.optimizer_steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        missing = self.model.load_state_dict(state["trainable"], strict=False)
+        if missing.unexpected_keys:
+            raise RoleError(f"checkpoint has unknown {self.role_name} weights "
+                            f"{missing.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ledger = StepLedger(int(state["applied_step"]), int(state["optimizer_steps"]))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return _trainable_state(self.model)
+
+    def optimizer_steps(self) -> int:
+        return self.ledger.optimizer_steps
+
+
+class ActorRole(_TrainedRole):
     """The policy: generates rollouts (through a rollout engine synced with its weights),
     computes advantages for its shard, and takes clipped-PPO (+ptx) optimizer steps."""
+
+    role_name = "actor"
 
     def __init__(self, cfg: PPOConfig, rank: int = 0, world_size: int = 1):
         import torch
@@ -466,9 +520,7 @@ class ActorRole:
             order = minibatch_order(rows, seed=cfg.seed + self.rank, step=step, epoch=epoch)
             for start in range(0, rows, per_update):
                 idx = torch.tensor(order[start:start + per_update])
-                mb = SequenceBatch(batch.input_ids[idx], batch.attention_mask[idx],
-                                   batch.position_ids[idx], batch.completion_mask[idx],
-                                   batch.prompt_width).to(self.device)
+                mb = batch.rows(idx).to(self.device)
                 mask = mb.completion_mask
                 old = exp["old_logp"][idx].to(self.device)
                 adv = exp["train_advantages"][idx].to(self.device)
@@ -488,12 +540,7 @@ class ActorRole:
                 for p in self.trainable:
                     if p.grad is not None:
                         self._all_reduce_sum(p.grad)
-                limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.ledger.optimizer_steps += 1
+                grad_norm = self._optimizer_step()
                 updates += 1
                 with torch.no_grad():
                     approx_kl = float(((old - logp) * mask).sum() / mask.sum().clamp(min=1))
@@ -509,27 +556,12 @@ class ActorRole:
         return self.ledger.record(step, result)
 
     # --- state --------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"trainable": _trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "applied_step": self.ledger.applied_step,
-                "optimizer_steps": self.ledger.optimizer_steps}
-
     def load_state(self, state: dict[str, Any]) -> None:
-        missing = self.model.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise RoleError(f"checkpoint has unknown actor weights {missing.unexpected_keys[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ledger = StepLedger(int(state["applied_step"]), int(state["optimizer_steps"]))
+        super().load_state(state)
+        # The rollout engine still holds the weights from before the restore, and so do the
+        # rollouts taken before it: resync on the next rollout, keep no stale experience.
         self.engine_in_sync = False
         self.experience = {}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return _trainable_state(self.model)
-
-    def optimizer_steps(self) -> int:
-        return self.ledger.optimizer_steps
 
     def save_checkpoint_model(self, folder: str) -> None:
         """Checkpoint copy: the LoRA adapter (small) or the full model, with the tokenizer."""
@@ -578,9 +610,11 @@ class ReferenceRole:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
-class CriticRole:
+class CriticRole(_TrainedRole):
     """The value model V(s_t): a scalar head on a transformer, initialised from the reward model
     by default (OpenRLHF trick), trained with the clipped value loss."""
+
+    role_name = "critic"
 
     def __init__(self, cfg: PPOConfig):
         import torch
@@ -631,9 +665,7 @@ class CriticRole:
             order = minibatch_order(rows, seed=cfg.seed + 104729, step=step, epoch=epoch)
             for start in range(0, rows, cfg.mini_batch_size):
                 idx = torch.tensor(order[start:start + cfg.mini_batch_size])
-                mb = SequenceBatch(batch.input_ids[idx], batch.attention_mask[idx],
-                                   batch.position_ids[idx], batch.completion_mask[idx],
-                                   batch.prompt_width).to(self.device)
+                mb = batch.rows(idx).to(self.device)
                 mask = mb.completion_mask
                 values = token_values(self.model, mb)
                 old = old_values[idx].to(self.device)
@@ -643,12 +675,7 @@ class CriticRole:
                 else:
                     loss = 0.5 * masked_mean((values - target) ** 2, mask)
                 loss.backward()
-                limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.ledger.optimizer_steps += 1
+                grad_norm = self._optimizer_step()
                 updates += 1
                 totals["critic/value_loss"] += float(loss.detach())
                 totals["critic/grad_norm"] += grad_norm
@@ -657,26 +684,6 @@ class CriticRole:
         result |= {"critic/lr": self.scheduler.get_last_lr()[0],
                    "critic/optimizer_steps": float(self.ledger.optimizer_steps)}
         return self.ledger.record(step, result)
-
-    def state(self) -> dict[str, Any]:
-        return {"trainable": _trainable_state(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "applied_step": self.ledger.applied_step,
-                "optimizer_steps": self.ledger.optimizer_steps}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        missing = self.model.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise RoleError(f"checkpoint has unknown critic weights {missing.unexpected_keys[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ledger = StepLedger(int(state["applied_step"]), int(state["optimizer_steps"]))
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return _trainable_state(self.model)
-
-    def optimizer_steps(self) -> int:
-        return self.ledger.optimizer_steps
 
 
 class RewardRole:
