@@ -4,7 +4,7 @@ SQLite store, the bundled SmolLM2-135M-Instruct, the seeded arithmetic task (tra
 a rule judge (format + accuracy, the signal) and an AI judge (the deployed policy itself, served
 by the app's own OpenAI-compatible /v1 endpoint), local Ray. Each round: sample 4 answers to 48
 new prompts from the deployed policy, label the pairs, export, DPO (LoRA) from the deployed
-policy, evaluate candidate vs deployed on 32 held-out prompts, promote or reject. After each round
+policy, evaluate candidate vs deployed on 64 held-out prompts, promote or reject. After each round
 a table row (labels by source, win rate vs the previous policy, held-out reward, KL, wall time);
 at the end a plot.
 
@@ -213,6 +213,8 @@ def plot_demo(summaries: list[RoundSummary], out: Path) -> Path:
     axes[2].set_title("labels by source")
     axes[2].set_xlabel("round")
     axes[2].legend(fontsize=8)
+    for axis in axes[1:]:
+        axis.set_xticks(ids)  # rounds are whole numbers
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -106,8 +106,12 @@ class GenerateConfig:
     """Human annotators wanted per task (the annotator queue serves the round's tasks)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int = 32
+    stop: tuple[str, ...] = ()
+    """Stop strings, kept at the end of the text (e.g. "</answer>": nothing after the answer is
+    sampled, judged or trained on). Also used by the evaluate stage."""
 
     def __post_init__(self) -> None:
+        _check(all(self.stop), "generate.stop strings must be non-empty")
         _check(1 <= self.samples_per_prompt <= 16, "generate.samples_per_prompt must be 1-16")
         _check(self.task_kind in ("pairwise", "listwise", "binary"),
                "generate.task_kind must be pairwise, listwise or binary")
@@ -383,18 +387,10 @@ def promotion_decision(win_rate: float | None, decisive: int, *, threshold: floa
 
 def arithmetic_prompts(n: int, seed: int, split: str) -> list[dict[str, Any]]:
     """The seeded verifiable task's prompts as {"prompt", "answer", "id"} (training.tasks)."""
-    try:
-        from training.tasks import make_arithmetic_prompts
-    except ImportError:
-        from training.online import make_arithmetic_prompts  # type: ignore[attr-defined,no-redef]
-    rows = make_arithmetic_prompts(n, seed, split)
-    out = []
-    for row in rows:
-        if not isinstance(row, Mapping):
-            row = dataclasses.asdict(row)
-        out.append({"prompt": row["prompt"], "answer": str(row.get("answer", "")),
-                    "id": row.get("id")})
-    return out
+    from training.tasks import make_arithmetic_prompts
+
+    return [{"prompt": row["prompt"], "answer": str(row["answer"]), "id": row["id"]}
+            for row in make_arithmetic_prompts(n, seed, split)]
 
 
 def ensure_deployed(session: Session, config: RoundConfig, base_dir: str, *, actor: str
@@ -645,7 +641,8 @@ class RoundRunner:
             prompts = _prompts(session, collect["train_prompt_ids"])
         seed = config.seed * 1_000_003 + rnd.id
         params = {"n": gen.samples_per_prompt, "temperature": gen.temperature,
-                  "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens, "seed": seed}
+                  "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens, "seed": seed,
+                  "stop": list(gen.stop), "include_stop": True}
         started = time.perf_counter()
         samples = self._compute(config, sample_completions, collect["policy_dir"],
                                 [p.content for p in prompts], params, dtype=gen.dtype,
@@ -889,7 +886,8 @@ class RoundRunner:
         reference_dir = collect["base_dir"] if ev.kl_reference == "base" else \
             collect["policy_dir"]
         params = {"max_new_tokens": ev.max_new_tokens, "seed": config.seed,
-                  "temperature": ev.temperature}
+                  "temperature": ev.temperature, "stop": list(config.generate.stop),
+                  "include_stop": True}
         result = self._compute(config, evaluate_policies, train["model_dir"],
                                collect["policy_dir"], reference_dir,
                                [p.content for p in prompts], params,

@@ -106,14 +106,41 @@ def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> tor
     return (logp.exp() * (logp - logq)).sum(dim=-1)
 
 
-def _position_logits(model: Any, ids: list[int], n_prompt: int) -> torch.Tensor:
+def trajectory_kls(policy: Any, reference: Any, sequences: Sequence[tuple[Sequence[int], int]],
+                   *, pad_id: int = 0, batch_size: int = 8) -> list[float]:
+    """Summed per-position KL(policy || reference) along each completion, in batches.
+
+    Args:
+        sequences: (prompt + completion token ids, number of prompt tokens) per row.
+        pad_id: any token id; padding sits to the right of every real token, so causal
+            attention never lets it change a real position's logits.
+    Returns:
+        One float per row (0.0 for an empty completion).
+    """
     import torch
 
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0]
-    # Logits at position t predict token t+1: the completion tokens are predicted by positions
-    # n_prompt-1 .. len-2.
-    return logits[n_prompt - 1:len(ids) - 1]
+    kls = [0.0] * len(sequences)
+    rows = [i for i, (ids, n_prompt) in enumerate(sequences) if len(ids) > n_prompt]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(sequences[i][0]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            length = len(sequences[i][0])
+            input_ids[row, :length] = torch.tensor(list(sequences[i][0]))
+            mask[row, :length] = 1
+        with torch.no_grad():
+            policy_logits = policy(input_ids=input_ids, attention_mask=mask).logits
+            reference_logits = (policy_logits if reference is policy else
+                                reference(input_ids=input_ids, attention_mask=mask).logits)
+        for row, i in enumerate(chunk):
+            length, n_prompt = len(sequences[i][0]), sequences[i][1]
+            # Logits at position t predict token t+1: the completion tokens are predicted by
+            # positions n_prompt-1 .. len-2.
+            span = slice(n_prompt - 1, length - 1)
+            kls[i] = float(token_kl(policy_logits[row, span], reference_logits[row, span]).sum())
+    return kls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +163,8 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
     from training.rollout import HFRolloutEngine, SamplingParams
 
     timings: dict[str, float] = {}
-    sampling = SamplingParams(**{"temperature": 0.0, **params, "n": 1})  # greedy by default
+    values: dict[str, Any] = {k: (tuple(v) if k == "stop" else v) for k, v in params.items()}
+    sampling = SamplingParams(**{"temperature": 0.0, **values, "n": 1})  # greedy by default
     started = time.perf_counter()
     engine = HFRolloutEngine(candidate_dir, dtype=dtype, batch_size=batch_size)
     candidate = [group[0] for group in engine.generate(list(prompts), sampling)]
@@ -147,19 +175,12 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
     timings["generate_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    kls: list[float] = []
     policy = load_policy(candidate_dir, dtype=torch.float32).eval()
     reference = policy if Path(reference_dir).resolve() == Path(candidate_dir).resolve() else \
         load_policy(reference_dir, dtype=torch.float32).eval()
-    for rollout in candidate:
-        if not rollout.completion_ids:
-            kls.append(0.0)
-            continue
-        ids = list(rollout.prompt_ids) + list(rollout.completion_ids)
-        n_prompt = len(rollout.prompt_ids)
-        kl = token_kl(_position_logits(policy, ids, n_prompt),
-                      _position_logits(reference, ids, n_prompt))
-        kls.append(float(kl.sum()))
+    kls = trajectory_kls(policy, reference,
+                         [(list(r.prompt_ids) + list(r.completion_ids), len(r.prompt_ids))
+                          for r in candidate], batch_size=max(1, min(batch_size, 16)))
     timings["kl_s"] = time.perf_counter() - started
     return {"candidate": [r.text for r in candidate], "deployed": [r.text for r in deployed],
             "candidate_tokens": [len(r.completion_ids) for r in candidate], "kl": kls,
