@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,7 @@ def run_prefloop(args: argparse.Namespace) -> dict:
     info = json.loads((result.run_dir / "run.json").read_text())
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = info["reference_logps_s"] + info["train_loop_s"]
+    shutil.rmtree(out, ignore_errors=True)  # a SmolLM2 run leaves ~2.6 GB of checkpoints
     return {"seconds": seconds, "first_loss": rows[0]["train/loss"],
             "last_loss": rows[-1]["train/loss"], "peak_mb": peak_memory_mb()}
 
@@ -145,8 +147,9 @@ def run_trl(args: argparse.Namespace) -> dict:
         def on_train_end(self, *_a, **_k):
             times["end"] = time.perf_counter()
 
+    output_dir = tempfile.mkdtemp(prefix="bench-trl-")
     config = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        output_dir=output_dir,
         per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, use_cpu=not args.cuda, report_to="none", save_strategy="no",
         max_length=args.max_length, bf16=args.precision == "bf16",
@@ -159,6 +162,7 @@ def run_trl(args: argparse.Namespace) -> dict:
                          processing_class=load_tokenizer(args.model), callbacks=[Clock()])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(output_dir, ignore_errors=True)
     return {"seconds": times["end"] - times["start"], "first_loss": losses[0],
             "last_loss": losses[-1], "peak_mb": peak_memory_mb()}
 

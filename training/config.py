@@ -130,6 +130,11 @@ class TrainConfig(SavableConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 = bf16 autocast with fp32 master weights; auto = bf16 where the hardware supports it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel. auto = eager (matmul + softmax) on CPU when max_length <= 256, sdpa
+    otherwise: on CPU, torch's flash-attention backward is several times slower than the plain
+    matmuls at these lengths, and eager's (B, heads, T, T) activations are still small
+    (benchmarks/attention_cpu.py)."""
     gradient_checkpointing: bool = False
     precompute_ref_logps: bool = True
     """Reference log-probs computed once per dataset (cached in the run dir) instead of per step."""

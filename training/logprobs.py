@@ -94,50 +94,79 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def input_embeddings(model: Any) -> torch.nn.Module:
+    """The token-embedding module of a causal LM, through PEFT and DeepSpeed wrappers."""
+    return getattr(model, "module", model).get_input_embeddings()
+
+
 def shared_prompt_pair_logps(
     model: Any,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    temperature: float = 1.0,
 ) -> CompletionLogps:
     """Completion log-probs of K completions per prompt, running each prompt through the model once.
 
     A preference pair shares its prompt, and prompts are usually much longer than the answers
     (PLATFORM.md section 13: ~107 prompt tokens, ~20 answer tokens). Instead of two full sequences
-    per pair, the prompts go through the model once with `use_cache=True`; the key/value cache is
-    repeated K times and the completions are run on top of it. Gradients flow through the cache, so
-    this is exact (equal to the full-sequence forward up to float rounding), and it cuts the tokens
-    processed per pair from 2(P + C) to P + 2C - in the forward, the backward, and the reference.
+    per pair, each prompt *except its last token* goes through the model once with
+    `use_cache=True`; the key/value cache is repeated K times, and every completion is run on top
+    of it with the prompt's last token in front. Gradients flow through the cache, so this is exact
+    (equal to the full-sequence forward up to float rounding), and it cuts the tokens processed per
+    pair from 2(P + C) to P + 2(C + 1) - in the forward, the backward, and the reference.
+
+    Feeding the last prompt token again costs one token per completion and buys two things that
+    matter on a small model with a 49k vocabulary: the output layer runs once per call, on the
+    completion pass only (the prompt pass's logits are never used, so the backward never reaches
+    them), and both passes take their input embeddings from one lookup, so the dense (V, H)
+    embedding and output-layer gradients are each built once per call instead of twice.
 
     Args:
-        model: a causal LM taking `past_key_values` (not with gradient checkpointing, which turns
-            the cache off in training).
+        model: a causal LM taking `past_key_values` and `inputs_embeds` (not with gradient
+            checkpointing, which turns the cache off in training).
         prompt_ids: (B, P) prompts, *left*-padded so that every prompt ends at column P-1.
         prompt_mask: (B, P) attention mask of the prompts.
         completion_ids: (B*K, C) right-padded completions; rows k*... are ordered prompt-major:
             row b*K + j is completion j of prompt b.
         completion_mask: (B*K, C) 1 on real completion tokens.
+        temperature: the logits are divided by it (a sampling temperature; 1 = unchanged).
 
     Returns:
         CompletionLogps with (B*K,) summed log-probs, in the row order of completion_ids.
     """
-    repeats = completion_ids.shape[0] // prompt_ids.shape[0]
-    prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                       position_ids=prompt_positions, use_cache=True, logits_to_keep=1)
-    first_logits = prompt_out.logits[:, -1:].repeat_interleave(repeats, dim=0)  # (BK, 1, V)
+    batch, width = prompt_ids.shape
+    repeats = completion_ids.shape[0] // batch
+    length = completion_ids.shape[1]
+    last = prompt_ids[:, -1:].repeat_interleave(repeats, dim=0)  # (BK, 1)
+    tail_ids = torch.cat([last, completion_ids], dim=1)  # (BK, 1 + C)
+    head_ids, head_mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    embeds = input_embeddings(model)(torch.cat([head_ids.reshape(-1), tail_ids.reshape(-1)]))
+    hidden = embeds.shape[-1]
+    head_embeds = embeds[: head_ids.numel()].view(batch, width - 1, hidden)
+    tail_embeds = embeds[head_ids.numel():].view(tail_ids.shape[0], length + 1, hidden)
     cache_name = _cache_argument(model)
-    cache = getattr(prompt_out, cache_name)
-    cache.batch_repeat_interleave(repeats)
+    cached: dict[str, Any] = {}
+    if width > 1:  # with one-token prompts there is nothing to cache
+        head_positions = (head_mask.cumsum(dim=1) - 1).clamp(min=0)
+        head_out = model(inputs_embeds=head_embeds, attention_mask=head_mask,
+                         position_ids=head_positions, use_cache=True, logits_to_keep=1)
+        cache = getattr(head_out, cache_name)
+        cache.batch_repeat_interleave(repeats)
+        cached[cache_name] = cache
+    # The last prompt token sits at position (prompt length - 1); completion token t follows it.
     prompt_lengths = prompt_mask.sum(dim=1).repeat_interleave(repeats)  # (BK,)
-    positions = prompt_lengths.unsqueeze(1) + torch.arange(
-        completion_ids.shape[1], device=completion_ids.device)
-    attention = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask], dim=1)
-    completion_out = model(input_ids=completion_ids, attention_mask=attention,
-                           position_ids=positions, use_cache=True, **{cache_name: cache})
-    # Completion token 0 is predicted by the prompt's last position; token t by completion t-1.
-    logits = torch.cat([first_logits, completion_out.logits[:, :-1]], dim=1)  # (BK, C, V)
+    positions = (prompt_lengths - 1).unsqueeze(1) + torch.arange(length + 1,
+                                                                  device=tail_ids.device)
+    attention = torch.cat([head_mask.repeat_interleave(repeats, dim=0), torch.ones_like(last),
+                           completion_mask], dim=1)
+    # Positions 0..C-1 of the tail predict completion tokens 0..C-1; the last one predicts nothing.
+    keep = torch.arange(length, device=tail_ids.device)
+    logits = model(inputs_embeds=tail_embeds, attention_mask=attention, position_ids=positions,
+                   use_cache=True, logits_to_keep=keep, **cached).logits  # (BK, C, V)
+    if temperature not in (0.0, 1.0):
+        logits = logits.float() / temperature
     mask = completion_mask.to(torch.float32)
     per_token = token_logps(logits, completion_ids) * mask
     return CompletionLogps(per_token.sum(-1), mask.sum(-1), per_token, mask)

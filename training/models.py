@@ -184,7 +184,8 @@ def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrain
 
 
 def load_reward_backbone(
-    name_or_path: str, pad_token_id: int, dtype: torch.dtype | None = None
+    name_or_path: str, pad_token_id: int, dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a model with a scalar head (`AutoModelForSequenceClassification`, 1 label).
 
@@ -194,7 +195,8 @@ def load_reward_backbone(
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name_or_path), num_labels=1, dtype=dtype
+        resolve_model(name_or_path), num_labels=1, dtype=dtype,
+        attn_implementation=attn_implementation,
     )
     model.config.pad_token_id = pad_token_id
     return model

@@ -129,9 +129,10 @@ def grouped_completion_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of K completions per prompt, each prompt run through the model once.
 
-    Like training.logprobs.shared_prompt_pair_logps (prompt prefilled once, its KV cache repeated
-    K times, gradients flowing through it), with the logits divided by the sampling temperature,
-    so that the learner's log-probs match the distribution the rollouts were drawn from.
+    Collates the id lists for training.logprobs.shared_prompt_pair_logps (prompt prefilled once,
+    its KV cache repeated K times, gradients flowing through it), with the logits divided by the
+    sampling temperature, so that the learner's log-probs match the distribution the rollouts were
+    drawn from.
 
     Args:
         model: a causal LM.
@@ -144,11 +145,9 @@ def grouped_completion_logps(
     """
     import torch
 
-    from training.logprobs import _cache_argument
-    from training.losses import token_logps
+    from training.logprobs import shared_prompt_pair_logps
 
     device = next(model.parameters()).device
-    repeats = len(completions) // len(prompts)
     width = max(len(p) for p in prompts)
     prompt_ids = torch.zeros((len(prompts), width), dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -161,26 +160,10 @@ def grouped_completion_logps(
     for row, ids in enumerate(completions):
         completion_ids[row, : len(ids)] = torch.tensor(ids)
         completion_mask[row, : len(ids)] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
-    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[:, -1:].repeat_interleave(repeats, dim=0)  # (BK, 1, V)
-    cache_name = _cache_argument(model)
-    cache = getattr(out, cache_name)
-    cache.batch_repeat_interleave(repeats)
-    prompt_lengths = prompt_mask.sum(dim=1).repeat_interleave(repeats)
-    completion_positions = prompt_lengths.unsqueeze(1) + torch.arange(length, device=device)
-    attention = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask], 1)
-    rest = model(input_ids=completion_ids, attention_mask=attention,
-                 position_ids=completion_positions, use_cache=True, **{cache_name: cache})
-    # Completion token 0 is predicted by the prompt's last position; token t by completion t-1.
-    logits = torch.cat([first_logits, rest.logits[:, :-1]], dim=1)
-    if temperature not in (0.0, 1.0):
-        logits = logits.float() / temperature
-    mask = completion_mask.float()
-    return token_logps(logits, completion_ids) * mask, mask
+    out = shared_prompt_pair_logps(model, prompt_ids.to(device), prompt_mask.to(device),
+                                   completion_ids.to(device), completion_mask.to(device),
+                                   temperature=temperature)
+    return out.per_token, out.mask
 
 
 # ----------------------------------------------------------------------------- the learner

@@ -109,10 +109,14 @@ def test_completion_logps_matches_a_naive_full_logits_computation(tiny_policy):
     assert out.lengths.tolist() == [2, 3, 1, 2]
 
 
-def test_shared_prompt_forward_equals_full_sequences_in_value_and_gradient(tiny_policy):
-    batch = [PairExample([1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11]),
-             PairExample([3, 4], [5], [6, 7, 8]),
-             PairExample([9] * 7, [1, 2, 3], [4])]
+@pytest.mark.parametrize("batch", [
+    [PairExample([1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11]),
+     PairExample([3, 4], [5], [6, 7, 8]),
+     PairExample([9] * 7, [1, 2, 3], [4]),
+     PairExample([12], [13, 14], [15])],  # a one-token prompt: nothing of it is cached
+    [PairExample([1], [6, 7], [8]), PairExample([3], [5], [6, 7, 8])],  # no prompt pass at all
+], ids=["mixed-lengths", "one-token-prompts"])
+def test_shared_prompt_forward_equals_full_sequences_in_value_and_gradient(tiny_policy, batch):
     full = collate_pairs(batch, pad_id=0)
     a = completion_logps(tiny_policy, full["input_ids"], full["attention_mask"],
                          full["completion_mask"]).logps

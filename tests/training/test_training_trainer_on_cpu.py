@@ -281,3 +281,35 @@ def test_explicit_reference_model_gives_a_non_trivial_first_loss(preference_file
     first = metrics(result.run_dir)[0]
     assert abs(first["train/loss"] - math.log(2)) > 1e-3
     assert first["train/rewards/margin"] != 0.0
+
+
+def test_attention_kernels_train_the_same_losses(preference_file, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    losses = {}
+    for kernel in ("eager", "sdpa"):
+        result = run("dpo", preference_file, tiny_model_dir, tmp_path / kernel, "max_steps=3",
+                     "save_steps=0", f"attention={kernel}")
+        losses[kernel] = [r["train/loss"] for r in metrics(result.run_dir)]
+        # The kernel is a training choice: the saved model loads with transformers' default.
+        saved = AutoModelForCausalLM.from_pretrained(result.model_dir)
+        assert saved.config._attn_implementation == "sdpa"
+    assert losses["eager"] == pytest.approx(losses["sdpa"], abs=1e-5)
+    assert losses["eager"][0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_auto_attention_is_eager_only_for_short_sequences_on_cpu():
+    from training.trainer import EAGER_ATTENTION_MAX_LENGTH, attention_implementation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_implementation("auto", cpu, EAGER_ATTENTION_MAX_LENGTH) == "eager"
+    assert attention_implementation("auto", cpu, EAGER_ATTENTION_MAX_LENGTH + 1) == "sdpa"
+    assert attention_implementation("auto", cuda, 64) == "sdpa"
+    assert attention_implementation("sdpa", cpu, 64) == "sdpa"
+    assert attention_implementation("eager", cuda, 4096) == "eager"
+
+
+def test_unknown_attention_kernel_is_a_config_error(preference_file, tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="attention"):
+        run("dpo", preference_file, tiny_model_dir, tmp_path / "run", "attention=flash")
+    assert not (tmp_path / "run").exists()
