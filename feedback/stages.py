@@ -66,6 +66,15 @@ def _set_threads() -> None:
 # Sampling
 
 
+def _sampling_params(params: dict[str, Any], **forced: Any) -> Any:
+    """training.rollout.SamplingParams from a stage's JSON params (the `stop` list becomes a
+    tuple); `forced` values override the params."""
+    from training.rollout import SamplingParams
+
+    values = {k: (tuple(v) if k == "stop" else v) for k, v in params.items()}
+    return SamplingParams(**{**values, **forced})
+
+
 def sample_completions(model_dir: str, prompts: Sequence[Any], params: dict[str, Any], *,
                        dtype: str = "float32", batch_size: int = 16
                        ) -> list[list[dict[str, Any]]]:
@@ -74,11 +83,10 @@ def sample_completions(model_dir: str, prompts: Sequence[Any], params: dict[str,
     Returns, per prompt, a list of {"text", "finish_reason", "completion_tokens"}.
     """
     _set_threads()
-    from training.rollout import HFRolloutEngine, SamplingParams
+    from training.rollout import HFRolloutEngine
 
     engine = HFRolloutEngine(model_dir, dtype=dtype, batch_size=batch_size)
-    values: dict[str, Any] = {k: (tuple(v) if k == "stop" else v) for k, v in params.items()}
-    sampling = SamplingParams(**values)
+    sampling = _sampling_params(params)
     rollouts = engine.generate(list(prompts), sampling)
     return [[{"text": r.text, "finish_reason": r.finish_reason,
               "completion_tokens": len(r.completion_ids)} for r in group] for group in rollouts]
@@ -150,8 +158,9 @@ def trajectory_kls(policy: Any, reference: Any, sequences: Sequence[tuple[Sequen
 def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
                       prompts: Sequence[Any], params: dict[str, Any], *, dtype: str = "float32",
                       batch_size: int = 16) -> dict[str, Any]:
-    """Greedy answers of both policies to the held-out prompts, and the candidate's KL to the
-    reference along its own answers.
+    """One answer of each policy to every held-out prompt (greedy unless `params` sets a
+    temperature; sampled answers are seeded), and the candidate's KL to the reference along its
+    own answers.
 
     Returns {"candidate": [text...], "deployed": [text...], "kl": [nats per prompt],
     "candidate_tokens": [...], "timings": {...}}.
@@ -160,11 +169,10 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
     import torch
 
     from training.models import load_policy
-    from training.rollout import HFRolloutEngine, SamplingParams
+    from training.rollout import HFRolloutEngine
 
     timings: dict[str, float] = {}
-    values: dict[str, Any] = {k: (tuple(v) if k == "stop" else v) for k, v in params.items()}
-    sampling = SamplingParams(**{"temperature": 0.0, **values, "n": 1})  # greedy by default
+    sampling = _sampling_params({"temperature": 0.0, **params}, n=1)  # greedy by default
     started = time.perf_counter()
     engine = HFRolloutEngine(candidate_dir, dtype=dtype, batch_size=batch_size)
     candidate = [group[0] for group in engine.generate(list(prompts), sampling)]
