@@ -338,9 +338,10 @@ def win_rates(session: Session, task_ids: Sequence[int], candidate_first: Mappin
               *, empty: Mapping[str, int] | None = None, judges: Sequence[str] = ()
               ) -> dict[str, dict[str, float]]:
     """Per judge: the candidate's wins, losses, ties (tie + both_bad), `win_rate` (ties count
-    half) and `decisive_win_rate` (wins / (wins + losses), ties dropped) on the eval tasks. `candidate_first[task_id]` says whether canonical position a is the
-    candidate. `empty` counts prompts where an answer was empty (not judged): an empty answer
-    loses, two empty answers tie; they are added to every judge in `judges`."""
+    half) and `decisive_win_rate` (wins / (wins + losses), ties dropped) on the eval tasks.
+    `candidate_first[task_id]` says whether canonical position a is the candidate. `empty` counts
+    prompts where an answer was empty (not judged): an empty answer loses, two empty answers tie;
+    they are added to every judge in `judges`."""
     tallies: dict[str, Counter[str]] = {name: Counter() for name in judges}
     for tally in tallies.values():
         tally["wins"] += (empty or {}).get("deployed_only", 0)
