@@ -868,6 +868,7 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
         "manifest": export.manifest, "data_report": report.__dict__, "git_sha": _git_sha(),
         "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
         "bf16": bf16, "lora": _is_peft(model), "deepspeed": config.deepspeed,
+        "attention": attention_implementation(config.attention, device, config.max_length),
         "total_steps": schedule.total_steps, "resumed_from_step": start_step,
         "reference_logps_s": reference_s, "world_size": ranks.world_size,
     }

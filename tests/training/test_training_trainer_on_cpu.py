@@ -291,6 +291,7 @@ def test_attention_kernels_train_the_same_losses(preference_file, tiny_model_dir
         result = run("dpo", preference_file, tiny_model_dir, tmp_path / kernel, "max_steps=3",
                      "save_steps=0", f"attention={kernel}")
         losses[kernel] = [r["train/loss"] for r in metrics(result.run_dir)]
+        assert json.loads((result.run_dir / "run.json").read_text())["attention"] == kernel
         # The kernel is a training choice: the saved model loads with transformers' default.
         saved = AutoModelForCausalLM.from_pretrained(result.model_dir)
         assert saved.config._attn_implementation == "sdpa"
