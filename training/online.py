@@ -172,12 +172,21 @@ def grouped_completion_logps(
 class Learner:
     """The policy being trained (LoRA on CPU by default), its optimizer and its reference."""
 
-    def __init__(self, config: OnlineConfig, needs_reference: bool):
+    def __init__(self, config: OnlineConfig, needs_reference: bool,
+                 prompts: Sequence[Any] = ()):
+        """prompts: the run's prompts; their longest encoding plus max_new_tokens decides the
+        attention kernel under `attention = "auto"`."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from training.models import load_tokenizer, resolve_model
-        from training.trainer import bf16_supported, check_lora_targets, select_device
+        from training.rollout import encode_prompt
+        from training.trainer import (
+            attention_implementation,
+            bf16_supported,
+            check_lora_targets,
+            select_device,
+        )
 
         self.config = config
         self.device = select_device(config.device)
@@ -185,8 +194,11 @@ class Learner:
                                                    and bf16_supported(self.device))
         self.tokenizer = load_tokenizer(config.model)
         torch.manual_seed(config.seed)
-        model: Any = AutoModelForCausalLM.from_pretrained(resolve_model(config.model),
-                                                          dtype=torch.float32)
+        longest = max((len(encode_prompt(self.tokenizer, p)) for p in prompts), default=0)
+        self.attention = attention_implementation(config.attention, self.device,
+                                                  longest + config.max_new_tokens)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            resolve_model(config.model), dtype=torch.float32, attn_implementation=self.attention)
         self.lora = config.lora == "on" or (config.lora == "auto" and self.device.type == "cpu")
         self.reference_model: Any = None
         if self.lora:
@@ -628,7 +640,7 @@ def train_online(config: OnlineConfig, *, ray_address: str | None = None,
 
     needs_reference = (config.algo == "grpo" and config.kl_coef > 0) or (
         config.algo == "online-dpo" and config.reference == "initial")
-    learner = Learner(config, needs_reference)
+    learner = Learner(config, needs_reference, prompts=[row.prompt for row in rows])
     dtype = _rollout_dtype(config, learner)
     sync_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     engine, stop_engine = _start_engine(config, dtype, ray_address)
@@ -637,6 +649,7 @@ def train_online(config: OnlineConfig, *, ray_address: str | None = None,
         "algo": config.algo, "prompts": config.prompts, "num_prompts": len(rows),
         "torch": torch.__version__, "python": platform.python_version(),
         "device": learner.device.type, "bf16": learner.bf16, "lora": learner.lora,
+        "attention": learner.attention,
         "rollout_dtype": dtype, "rollout_actor": config.rollout_actor,
     }
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")

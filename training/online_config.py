@@ -123,6 +123,9 @@ class OnlineConfig(SavableConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Learner: bf16 autocast with fp32 master weights where supported (auto), or fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Learner's attention kernel (TrainConfig.attention): auto = eager on CPU when the longest
+    prompt plus max_new_tokens fits in training.trainer.EAGER_ATTENTION_MAX_LENGTH tokens."""
     progress: bool = True
 
     def __post_init__(self) -> None:

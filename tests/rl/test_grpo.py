@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ def test_grpo_runs_end_to_end_on_ray(local_ray: None, tiny_policy_dir: Path,
     assert max_weight_change(result.model_dir, tiny_policy_dir) > 0
     assert (result.run_dir / "config.json").is_file()
     assert result.metrics["step"] == 2.0
+    # Short prompts + max_new_tokens on CPU: the learner ran eager attention while the rollout
+    # engine ran sdpa, and the log-prob agreement above holds across the two kernels.
+    assert json.loads((result.run_dir / "run.json").read_text())["attention"] == "eager"
 
 
 def test_grpo_without_kl_and_several_updates_per_iteration(
