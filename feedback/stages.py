@@ -127,17 +127,16 @@ def trajectory_kls(policy: Any, reference: Any, sequences: Sequence[tuple[Sequen
     """
     import torch
 
+    from training.data import collate_sequences
+
     kls = [0.0] * len(sequences)
     rows = [i for i, (ids, n_prompt) in enumerate(sequences) if len(ids) > n_prompt]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(sequences[i][0]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            length = len(sequences[i][0])
-            input_ids[row, :length] = torch.tensor(list(sequences[i][0]))
-            mask[row, :length] = 1
+        batch = collate_sequences([list(sequences[i][0][:sequences[i][1]]) for i in chunk],
+                                  [list(sequences[i][0][sequences[i][1]:]) for i in chunk],
+                                  pad_id)
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.no_grad():
             policy_logits = policy(input_ids=input_ids, attention_mask=mask).logits
             reference_logits = (policy_logits if reference is policy else

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install prefloop with every CPU extra into ./.venv and run the whole test suite (all but `gpu`
-# and the 15-20 minute `demo` test; the README's main command runs the same demo).
+# and the 8-15 minute `demo` test; the README's main command runs the same demo).
 #
 #   bash scripts/test.sh                 # everything CI runs
 #   bash scripts/test.sh -m "not slow"   # extra pytest arguments replace the default selection

@@ -365,24 +365,33 @@ def collate_lists(batch: list[ListExample], pad_id: int) -> dict[str, torch.Tens
     return out
 
 
-def collate_shared_prompt_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Prompts left-padded (B, P) and completions right-padded (2B, C), interleaved as
-    [chosen_0, rejected_0, chosen_1, ...], for training.logprobs.shared_prompt_pair_logps."""
+def collate_shared_prompts(prompts: list[list[int]], completions: list[list[int]],
+                           pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts left-padded (B, P), so every prompt ends at column P-1, and their completions
+    right-padded (B*K, C), prompt-major (row b*K + j is completion j of prompt b), for
+    training.logprobs.shared_prompt_pair_logps."""
     import torch
 
-    width = max(len(ex.prompt_ids) for ex in batch)
-    prompt_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        if ex.prompt_ids:
-            prompt_ids[row, width - len(ex.prompt_ids):] = torch.tensor(ex.prompt_ids)
-            prompt_mask[row, width - len(ex.prompt_ids):] = 1
-    completions = [c for ex in batch for c in (ex.chosen_ids, ex.rejected_ids)]
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if ids:
+            prompt_ids[row, width - len(ids):] = torch.tensor(ids)
+            prompt_mask[row, width - len(ids):] = 1
     length = max(len(c) for c in completions)
     completion_ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), length), dtype=torch.long)
-    for row, c in enumerate(completions):
-        completion_ids[row, : len(c)] = torch.tensor(c)
-        completion_mask[row, : len(c)] = 1
+    for row, ids in enumerate(completions):
+        completion_ids[row, : len(ids)] = torch.tensor(ids)
+        completion_mask[row, : len(ids)] = 1
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+
+def collate_shared_prompt_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate_shared_prompts for preference pairs: completions interleaved as
+    [chosen_0, rejected_0, chosen_1, ...]."""
+    return collate_shared_prompts([ex.prompt_ids for ex in batch],
+                                  [c for ex in batch for c in (ex.chosen_ids, ex.rejected_ids)],
+                                  pad_id)

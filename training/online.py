@@ -143,25 +143,14 @@ def grouped_completion_logps(
     Returns:
         (per_token (B*K, C) log-probs, 0 off the mask; mask (B*K, C) float).
     """
-    import torch
-
+    from training.data import collate_shared_prompts
     from training.logprobs import shared_prompt_pair_logps
 
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):  # left padding: every prompt ends at column width-1
-        prompt_ids[row, width - len(ids):] = torch.tensor(ids)
-        prompt_mask[row, width - len(ids):] = 1
-    length = max(len(c) for c in completions)
-    completion_ids = torch.zeros((len(completions), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(completions), length), dtype=torch.long)
-    for row, ids in enumerate(completions):
-        completion_ids[row, : len(ids)] = torch.tensor(ids)
-        completion_mask[row, : len(ids)] = 1
-    out = shared_prompt_pair_logps(model, prompt_ids.to(device), prompt_mask.to(device),
-                                   completion_ids.to(device), completion_mask.to(device),
+    batch = {k: v.to(device) for k, v in
+             collate_shared_prompts(list(prompts), list(completions), pad_id=0).items()}
+    out = shared_prompt_pair_logps(model, batch["prompt_ids"], batch["prompt_mask"],
+                                   batch["completion_ids"], batch["completion_mask"],
                                    temperature=temperature)
     return out.per_token, out.mask
 
