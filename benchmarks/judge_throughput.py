@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,11 @@ from feedback.rubric import load_rubric  # noqa: E402
 from store import migrate, repo  # noqa: E402
 from store.db import Database  # noqa: E402
 from store.models import TaskKind  # noqa: E402
+
+
+def _recorder(starts: list[float]) -> Callable[[float, float], None]:
+    """An `on_call` hook that keeps each attempt's start time."""
+    return lambda start, _end: starts.append(start)
 
 
 def _free_port() -> int:
@@ -92,7 +98,7 @@ def run(latency: float, levels: list[int], seconds: float) -> list[dict[str, flo
                 cpu_before = time.process_time()
                 started = time.monotonic()
                 stats = asyncio.run(BatchRunner(
-                    db, config, on_call=lambda s, _e, log=starts: log.append(s)).run())
+                    db, config, on_call=_recorder(starts)).run())
                 ended = started + stats.elapsed_s
                 client_cpu = time.process_time() - cpu_before
                 db.dispose()

@@ -3,12 +3,13 @@
     prefloop judge run --judge judges/pairwise.toml --tasks kind=pairwise,limit=500 \
         --concurrency 16 --max-requests 2000 --budget-usd 5
 
-A thin shell around the pure core (feedback/judge.py, feedback/rules.py): it loads the tasks the
-judge has not labelled yet, sends each call through a bounded semaphore, a rate limiter and a
-per-call deadline, retries 429/5xx/timeouts with jittered backoff honouring Retry-After, and
-hands the finished labels to one writer that stores them in batches through store.repo. One
-label per (task, judge identity) is a database constraint, so a rerun or a resume after a crash
-only fills what is missing and nothing is ever written twice; a crash loses at most the batch in
+A thin shell around the pure core (feedback/judge.py, feedback/plans.py, feedback/rules.py): it
+loads the tasks the judge has not labelled yet (feedback/tasks.py), sends each call through a
+bounded semaphore, a rate limiter and a per-call deadline, retries 429/5xx/timeouts with
+jittered backoff honouring Retry-After, and hands the finished decisions to one writer task that
+stores them in batches through the store's judge-label writer (store/judge_labels.py). One label
+per (task, judge identity) is a database constraint, so a rerun or a resume after a crash only
+fills what is missing and nothing is ever written twice; a crash loses at most the batch in
 flight. Malformed outputs are stored as `invalid` labels and counted, never guessed.
 """
 
@@ -16,254 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from sqlmodel import Session, col, select
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from feedback.config import (
-    ConfigError,
+    EnsembleConfig,
     JudgeConfig,
     LLMJudgeConfig,
     RewardModelJudgeConfig,
     RuleJudgeConfig,
 )
-from feedback.judge import (
-    Decision,
-    OrderResult,
-    build_messages,
-    combine_binary,
-    combine_listwise,
-    combine_pairwise,
-    conversation_text,
-    flag_injection,
-    make_nonce,
-    parse_verdict,
-    permute,
-    seeded_orders,
-    token_confidence,
-    verdict_schema,
-)
-from feedback.llm import CallFailed, CallResult, ChatEndpoint, EndpointUnusable, backoff_delay
-from store import repo
-from store.calibration import raise_task_priority
+from feedback.ensemble import combine_ensemble
+from feedback.judge import Decision, flag_injection
+from feedback.llm import CallFailed, CallResult, ChatEndpoint, backoff_delay
+from feedback.plans import CallSpec, decide_llm, plan_calls
+from feedback.progress import Progress, RunStats
+from feedback.tasks import JudgeTask, TaskFilter, ensure_annotator, load_pending
 from store.db import Database
-from store.errors import Conflict, IdempotencyMismatch, InvalidInput
-from store.models import (
-    Annotator,
-    AnnotatorKind,
-    Completion,
-    Label,
-    LabelStatus,
-    Prompt,
-    Task,
-    TaskItem,
-    TaskKind,
-)
-from store.values import content_text
+from store.judge_labels import JudgeLabel, record_judge_labels
 
 # ---------------------------------------------------------------------------------------------
-# Tasks
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """What a judge sees of a task: the prompt and the responses in canonical order."""
-
-    task_id: int
-    task_key: str
-    kind: str
-    question: str
-    responses: tuple[str, ...]
-    reference: str | None = None
-    prompt: Any = None  # the raw prompt content (text or chat messages)
-
-
-@dataclass(frozen=True)
-class TaskFilter:
-    """`--tasks` filter: comma-separated key=value, e.g. `kind=pairwise,dataset=math,limit=100`.
-
-    Keys: kind, dataset, split, round, source, ids (a-b), limit, gold (1: only gold tasks),
-    human (1: only tasks with a human label, i.e. a calibration set).
-    """
-
-    kinds: tuple[str, ...] = ()
-    dataset: str | None = None
-    split: str | None = None
-    round_id: int | None = None
-    source: str | None = None
-    id_min: int | None = None
-    id_max: int | None = None
-    limit: int | None = None
-    gold_only: bool = False
-    human_labelled_only: bool = False
-
-    @classmethod
-    def parse(cls, text: str | None) -> TaskFilter:
-        if not text:
-            return cls()
-        values: dict[str, Any] = {}
-        for part in text.split(","):
-            key, sep, value = part.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not value:
-                raise InvalidInput(f"--tasks: expected key=value, got {part!r}")
-            try:
-                if key == "kind":
-                    values["kinds"] = (*values.get("kinds", ()), *value.split("|"))
-                elif key in ("dataset", "split", "source"):
-                    values[key] = value
-                elif key == "round":
-                    values["round_id"] = int(value)
-                elif key == "ids":
-                    low, _, high = value.partition("-")
-                    values["id_min"] = int(low) if low else None
-                    values["id_max"] = int(high) if high else None
-                elif key == "limit":
-                    values["limit"] = int(value)
-                elif key in ("gold", "human"):
-                    flag = value.lower() in ("1", "true", "yes")
-                    values["gold_only" if key == "gold" else "human_labelled_only"] = flag
-                else:
-                    raise InvalidInput(f"--tasks: unknown key {key!r}")
-            except ValueError:
-                raise InvalidInput(f"--tasks: bad value for {key}: {value!r}") from None
-        unknown_kinds = set(values.get("kinds", ())) - {k.value for k in TaskKind}
-        if unknown_kinds:
-            raise InvalidInput(f"--tasks: unknown kind {sorted(unknown_kinds)}")
-        return cls(**values)
-
-
-def load_pending(session: Session, *, annotator_id: int, kinds: Sequence[str],
-                 task_filter: TaskFilter) -> list[TaskView]:
-    """Tasks of these kinds that pass the filter and this annotator has not labelled yet."""
-    if task_filter.kinds:
-        kinds = [k for k in kinds if k in task_filter.kinds]
-    labelled = select(Label.task_id).where(Label.annotator_id == annotator_id)
-    query = (select(Task, Prompt).join(Prompt, col(Prompt.id) == col(Task.prompt_id))
-             .where(col(Task.kind).in_([TaskKind(k) for k in kinds]),
-                    col(Task.id).not_in(labelled))
-             .order_by(col(Task.id)))
-    f = task_filter
-    if f.dataset is not None:
-        query = query.where(Prompt.dataset == f.dataset)
-    if f.split is not None:
-        query = query.where(Prompt.split == f.split)
-    if f.round_id is not None:
-        query = query.where(Task.round_id == f.round_id)
-    if f.source is not None:
-        query = query.where(Task.source == f.source)
-    if f.id_min is not None:
-        query = query.where(col(Task.id) >= f.id_min)
-    if f.id_max is not None:
-        query = query.where(col(Task.id) <= f.id_max)
-    if f.gold_only:
-        query = query.where(col(Task.gold).is_not(None))
-    if f.human_labelled_only:
-        humans = (select(Label.task_id).join(Annotator, col(Annotator.id) == col(
-            Label.annotator_id)).where(Annotator.kind == AnnotatorKind.human))
-        query = query.where(col(Task.id).in_(humans))
-    if f.limit is not None:
-        query = query.limit(f.limit)
-    rows = session.exec(query).all()
-    if not rows:
-        return []
-    texts: dict[int, list[str]] = {task.id or 0: [] for task, _ in rows}
-    ids = list(texts)
-    for start in range(0, len(ids), 500):
-        for item, completion in session.exec(
-            select(TaskItem, Completion)
-            .join(Completion, col(Completion.id) == col(TaskItem.completion_id))
-            .where(col(TaskItem.task_id).in_(ids[start:start + 500]))
-            .order_by(col(TaskItem.task_id), col(TaskItem.position))
-        ).all():
-            texts[item.task_id].append(content_text(completion.content))
-    return [TaskView(task_id=task.id or 0, task_key=task.task_key, kind=task.kind.value,
-                     question=conversation_text(prompt.content),
-                     responses=tuple(texts[task.id or 0]), reference=prompt.reference,
-                     prompt=prompt.content)
-            for task, prompt in rows]
-
-
-def ensure_annotator(session: Session, config: JudgeConfig) -> Annotator:
-    """The judge's annotator row; a different rubric/settings under the same name is refused."""
-    kind = AnnotatorKind.rule if isinstance(config, RuleJudgeConfig) else AnnotatorKind.ai
-    identity = json.loads(json.dumps(config.identity()))  # as stored: tuples become lists
-    annotator = repo.get_or_create_annotator(
-        session=session, name=config.annotator_name, kind=kind, model=config.model,
-        rubric_version=config.rubric_version, config=identity)
-    if annotator.config != identity:
-        changed = sorted(k for k in set(identity) | set(annotator.config or {})
-                         if (annotator.config or {}).get(k) != identity.get(k))
-        raise ConfigError(
-            f"judge {config.annotator_name!r} already exists with different settings "
-            f"({', '.join(changed)}); bump the rubric/judge version or set a new name")
-    return annotator
-
-
-# ---------------------------------------------------------------------------------------------
-# Plans: the calls one task needs, and how their outcomes become a label
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    shown_order: tuple[int, ...]
-    messages: list[dict[str, str]]
-    schema: dict[str, Any]
-    candidates: tuple[str, ...]  # shown order, for the copied-verdict check
-
-
-def plan_calls(config: LLMJudgeConfig, view: TaskView, annotator_name: str) -> list[CallSpec]:
-    k = len(view.responses)
-    seed_material = f"{config.seed}|{annotator_name}|{view.task_key}"
-    if view.kind == "pairwise":
-        orders = seeded_orders(2, 2, seed_material=seed_material)
-        if not config.both_orders:
-            # One order, chosen by a seeded coin per task (AlpacaEval randomises the order).
-            digest = hashlib.sha256(seed_material.encode()).digest()
-            orders = [orders[digest[0] % 2]]
-    elif view.kind == "listwise":
-        orders = seeded_orders(k, config.listwise_shuffles, seed_material=seed_material)
-    else:
-        orders = [(0,)]
-    specs = []
-    for order in orders:
-        shown = permute(view.responses, order)
-        nonce = make_nonce()
-        while any(nonce in text for text in shown) or nonce in view.question:
-            nonce = make_nonce()
-        messages = build_messages(config.rubric, view.kind, question=view.question,
-                                  shown_texts=shown, nonce=nonce,
-                                  principles=config.constitution, reference=view.reference)
-        specs.append(CallSpec(tuple(order), messages, verdict_schema(view.kind, k),
-                              tuple(shown)))
-    return specs
-
-
-def decide_llm(config: LLMJudgeConfig, view: TaskView, specs: Sequence[CallSpec],
-               results: Sequence[CallResult]) -> Decision:
-    orders = []
-    for spec, result in zip(specs, results, strict=True):
-        verdict = parse_verdict(view.kind, len(view.responses), result.text, spec.candidates)
-        confidence = None
-        if verdict.valid and result.tokens and result.text is not None:
-            confidence = token_confidence(result.tokens, result.text, verdict.value_offset)
-        orders.append(OrderResult(spec.shown_order, verdict, confidence))
-    if view.kind == "pairwise":
-        return combine_pairwise(orders, on_inconsistent=config.on_inconsistent)
-    if view.kind == "listwise":
-        return combine_listwise(orders)
-    return combine_binary(orders)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rate limiting and accounting
+# Rate limiting
 
 
 class RateLimiter:
@@ -290,92 +67,11 @@ class RateLimiter:
             self._last = self._clock()
 
 
-@dataclass
-class RunStats:
-    annotator_id: int = 0
-    annotator_name: str = ""
-    tasks_pending: int = 0
-    written: int = 0  # labels stored (valid + invalid)
-    valid: int = 0
-    invalid: int = 0
-    inconsistent: int = 0  # pairwise orders disagreed (tie or routed)
-    flagged: int = 0  # tasks with a candidate flagged as an injection attempt
-    routed: int = 0  # tasks whose priority was raised for humans
-    already_labelled: int = 0  # another run wrote the label first
-    failed: int = 0  # gave up (retries exhausted, request budget): left for a rerun
-    requests: int = 0  # HTTP attempts, retries included
-    retries: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    invalid_reasons: Counter[str] = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    spend_usd: float = 0.0
-    max_call_s: float = 0.0
-    elapsed_s: float = 0.0
-    stopped: str | None = None  # why the run stopped early, if it did
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["errors"] = dict(self.errors)
-        out["invalid_reasons"] = dict(self.invalid_reasons)
-        return out
-
-
-class Progress(Protocol):
-    def start(self, total: int, description: str) -> None: ...
-
-    def update(self, stats: RunStats) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class RichProgress:
-    """A progress bar with rate, ETA, invalid count and spend (rich, on stderr)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import Progress as RichBar
-
-        self._bar = RichBar(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[speed_text]}"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), TextColumn("invalid {task.fields[invalid]}"),
-            TextColumn("${task.fields[spend]:.4f}"), console=Console(stderr=True),
-        )
-        self._task: Any = None
-
-    def start(self, total: int, description: str) -> None:
-        self._bar.start()
-        self._task = self._bar.add_task(description, total=total, invalid=0, spend=0.0,
-                                        speed_text="")
-
-    def update(self, stats: RunStats) -> None:
-        done = stats.written + stats.already_labelled + stats.failed
-        task = self._bar.tasks[0]
-        speed = f"{task.speed:.1f} labels/s" if task.speed else ""
-        self._bar.update(self._task, completed=done, invalid=stats.invalid,
-                         spend=stats.spend_usd, speed_text=speed)
-
-    def stop(self) -> None:
-        self._bar.stop()
-
-
 # ---------------------------------------------------------------------------------------------
 # The runner
 
 
 class _GiveUp(Exception):
-    pass
-
-
-class _Stop(Exception):
     pass
 
 
@@ -401,8 +97,6 @@ class BatchRunner:
                  model: str | None = None, rng: random.Random | None = None,
                  on_call: Callable[[float, float], None] | None = None):
         if isinstance(config, LLMJudgeConfig) and (base_url or model):
-            from dataclasses import replace
-
             config = replace(config, base_url=base_url or config.base_url,
                              model=model or config.model)
         self.db = db
@@ -471,7 +165,7 @@ class BatchRunner:
 
     # -- one task ---------------------------------------------------------------------------
 
-    async def _judge(self, view: TaskView, semaphore: asyncio.Semaphore, limiter: RateLimiter
+    async def _judge(self, view: JudgeTask, semaphore: asyncio.Semaphore, limiter: RateLimiter
                      ) -> Decision | None:
         config = self.config
         if isinstance(config, RuleJudgeConfig):
@@ -505,7 +199,7 @@ class BatchRunner:
                             {"reason": "request_rejected", "error": str(exc)})
         return decide_llm(config, view, specs, results)
 
-    def _finish(self, view: TaskView, decision: Decision) -> tuple[Decision, bool]:
+    def _finish(self, view: JudgeTask, decision: Decision) -> tuple[Decision, bool]:
         """Add injection flags and the routing decision to a task's decision."""
         flags = {str(i): list(f) for i, text in enumerate(view.responses)
                  if (f := flag_injection(text))}
@@ -525,41 +219,24 @@ class BatchRunner:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _write(self, batch: list[tuple[TaskView, Decision]]) -> tuple[list[bool], int]:
-        """Store a batch in one transaction; which items were written, and priorities raised."""
-        annotator_id = self.stats.annotator_id
-        priority = self.config.routing.priority
+    def _write(self, batch: list[tuple[JudgeTask, Decision]]) -> list[bool]:
+        """Store a batch in one transaction through the store's judge-label writer; which of
+        its labels were written now."""
+        labels = [JudgeLabel(
+            task_id=view.task_id, task_key=view.task_key, value=decision.value,
+            confidence=decision.confidence, details=decision.details, route=decision.route,
+            # Only a full permutation is a shown order (a single-order call shows one item).
+            shown_order=list(decision.shown_order) if decision.shown_order
+            and len(decision.shown_order) == len(view.responses) else None)
+            for view, decision in batch]
+        annotator_id, priority = self.stats.annotator_id, self.config.routing.priority
+        return self.db.run_write(lambda session: record_judge_labels(
+            session=session, annotator_id=annotator_id, labels=labels,
+            priority=priority)).written
 
-        def write(session: Session) -> tuple[list[bool], int]:
-            written: list[bool] = []
-            routed: list[int] = []
-            for view, decision in batch:
-                try:
-                    result = repo.submit_label(
-                        session=session, task_id=view.task_id, annotator_id=annotator_id,
-                        value=decision.value,
-                        status=LabelStatus.submitted if decision.valid else LabelStatus.invalid,
-                        shown_order=list(decision.shown_order) if decision.shown_order
-                        and len(decision.shown_order) == len(view.responses) else None,
-                        confidence=decision.confidence, details=decision.details,
-                        idempotency_key=f"judge:{view.task_key}",
-                    )
-                except (Conflict, IdempotencyMismatch):  # another run labelled it first
-                    written.append(False)
-                    continue
-                written.append(not result.replayed)  # replayed: the very same label, stored
-                if result.replayed:
-                    continue
-                if decision.route:
-                    routed.append(view.task_id)
-            changed = raise_task_priority(session=session, task_ids=routed, priority=priority)
-            return written, changed
-
-        return self.db.run_write(write)
-
-    async def _writer(self, queue: asyncio.Queue[tuple[TaskView, Decision] | None]) -> None:
+    async def _writer(self, queue: asyncio.Queue[tuple[JudgeTask, Decision] | None]) -> None:
         batch_size = self.config.limits.write_batch
-        batch: list[tuple[TaskView, Decision]] = []
+        batch: list[tuple[JudgeTask, Decision]] = []
         done = False
 
         async def flush() -> None:
@@ -567,7 +244,7 @@ class BatchRunner:
             if not batch:
                 return
             pending, batch = batch, []
-            written, _ = await asyncio.to_thread(self._write, pending)
+            written = await asyncio.to_thread(self._write, pending)
             for was_written, (_view, decision) in zip(written, pending, strict=True):
                 if was_written:
                     self.stats.written += 1
@@ -617,7 +294,7 @@ class BatchRunner:
         if decision.route:
             self.stats.routed += 1
 
-    async def _worker(self, views: asyncio.Queue[TaskView], out: asyncio.Queue[Any],
+    async def _worker(self, views: asyncio.Queue[JudgeTask], out: asyncio.Queue[Any],
                       semaphore: asyncio.Semaphore, limiter: RateLimiter) -> None:
         while self._stop is None:
             try:
@@ -661,10 +338,10 @@ class BatchRunner:
                                                    max_length=config.max_length)
         if self.progress is not None:
             self.progress.start(len(views), config.annotator_name)
-        queue: asyncio.Queue[TaskView] = asyncio.Queue()
+        queue: asyncio.Queue[JudgeTask] = asyncio.Queue()
         for view in views:
             queue.put_nowait(view)
-        out: asyncio.Queue[tuple[TaskView, Decision] | None] = asyncio.Queue()
+        out: asyncio.Queue[tuple[JudgeTask, Decision] | None] = asyncio.Queue()
         semaphore = asyncio.Semaphore(self.concurrency)
         limiter = RateLimiter(config.limits.rate_limit_rps)
         writer = asyncio.create_task(self._writer(out))
@@ -696,13 +373,15 @@ class BatchRunner:
 
 
 async def run_judge(db: Database, config: JudgeConfig, **kw: Any) -> RunStats:
-    """Run `config` over the pending tasks; see BatchRunner for the keyword arguments."""
-    if config.kind == "ensemble":
-        from feedback.ensemble import run_ensemble
+    """Run `config` over the pending tasks; see BatchRunner for the keyword arguments.
 
-        return await run_ensemble(db, config, **kw)
+    An ensemble runs each member first (each one idempotent under its own identity), then
+    combines their stored labels (feedback/ensemble.py).
+    """
+    if isinstance(config, EnsembleConfig):
+        members = [await BatchRunner(db, member, **kw).run() for member in config.members]
+        return await combine_ensemble(db, config, members)
     return await BatchRunner(db, config, **kw).run()
 
 
-__all__ = ["BatchRunner", "EndpointUnusable", "RunStats", "TaskFilter", "TaskView",
-           "load_pending", "run_judge"]
+__all__ = ["BatchRunner", "RateLimiter", "run_judge"]

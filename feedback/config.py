@@ -6,36 +6,39 @@ how the batch runner may call it. The judge's identity in the store (its annotat
 derived from the config: `ai:<model>:<rubric>@<version>`, `rule:<name>@<version>`,
 `rm:<name>@<version>` or `ensemble:<name>@<version>`.
 
-    from feedback.config import load_judge_config
-    config = load_judge_config("judges/pairwise.toml")
+Files are read with the one config reader (training/config_reader.py): every value is checked
+against its field's type, unknown keys are refused (a typo never silently falls back to a
+default) and overrides use its `key=value` / `section.key=value` grammar. See docs/judges.md
+for every field.
 
-See docs/judges.md for every field. Unknown keys are refused, so a typo never silently falls back
-to a default.
+    python -c "from feedback.config import load_judge_config as l; \
+print(l('judges/pairwise.toml', overrides=['limits.concurrency=4']))"
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from feedback.rubric import Rubric, load_rubric
+from training.config_reader import ConfigError, apply_overrides, build, coerce_fields, read_toml
+from training.verifiable import CheckConfig
 
 TaskKindName = Literal["pairwise", "listwise", "binary"]
 TASK_KINDS: tuple[str, ...] = ("pairwise", "listwise", "binary")
 
 
-class ConfigError(ValueError):
+class JudgeConfigError(ConfigError):
     """A judge config that does not validate (the message names the field)."""
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise JudgeConfigError(message)
 
 
 def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
@@ -158,49 +161,6 @@ class LLMJudgeConfig:
             "on_inconsistent": self.on_inconsistent, "listwise_shuffles": self.listwise_shuffles,
             "temperature": self.temperature, "seed": self.seed,
         }
-
-
-CheckType = Literal["regex", "format", "answer_match", "length", "json_valid"]
-CHECK_TYPES: tuple[str, ...] = ("regex", "format", "answer_match", "length", "json_valid")
-
-
-@dataclass(frozen=True)
-class CheckConfig:
-    """One rule check; which fields apply depends on `type` (see feedback/rules.py)."""
-
-    type: CheckType
-    weight: float = 1.0
-    pattern: str | None = None
-    """regex: the pattern that must (or must not) match; format: the whole-response pattern."""
-    must_match: bool = True
-    mode: Literal["exact", "numeric"] = "exact"
-    """answer_match: compare as normalised strings or as numbers."""
-    extract: str | None = None
-    """answer_match: regex whose group 1 is the answer (default: the whole response)."""
-    tolerance: float = 1e-6
-    """answer_match numeric: absolute tolerance."""
-    min_chars: int = 0
-    max_chars: int | None = None
-    required_keys: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_choice(self.type, CHECK_TYPES, "check type")
-        _check(self.weight > 0, "check weight must be positive")
-        _check_choice(self.mode, ("exact", "numeric"), "answer_match mode")
-        if self.type == "regex":
-            _check(bool(self.pattern), "a regex check needs a pattern")
-        if self.type == "length":
-            _check(self.min_chars >= 0 and (self.max_chars is None or
-                                            self.max_chars >= self.min_chars),
-                   "length check needs 0 <= min_chars <= max_chars")
-        for pattern in (self.pattern, self.extract):
-            if pattern is not None:
-                import re
-
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(f"bad regex {pattern!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -341,23 +301,54 @@ JudgeConfig = LLMJudgeConfig | RuleJudgeConfig | RewardModelJudgeConfig | Ensemb
 # Loading
 
 
-def _dataclass_from(cls: type, data: Mapping[str, Any], what: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{what}: unknown keys {sorted(unknown)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
+_CLASSES: dict[str, type] = {"llm": LLMJudgeConfig, "rule": RuleJudgeConfig,
+                             "reward_model": RewardModelJudgeConfig, "ensemble": EnsembleConfig}
+_WHAT = {"llm": "llm judge", "rule": "rule judge", "reward_model": "reward model judge",
+         "ensemble": "ensemble"}
 
 
-def _tuple(value: Any, what: str) -> tuple[Any, ...]:
+def _list(value: Any, what: str) -> list[Any]:
+    # Lists of tables or file names: a bare string here is a mistake, not a one-item list.
     if value is None:
-        return ()
+        return []
     if not isinstance(value, list | tuple):
-        raise ConfigError(f"{what} must be a list")
-    return tuple(value)
+        raise JudgeConfigError(f"{what} must be a list")
+    return list(value)
+
+
+def _constitution(data: dict[str, Any], base_dir: Path) -> tuple[str, ...]:
+    """The principles listed inline plus those of `constitution_file` (one per line)."""
+    principles = _list(data.pop("constitution", None), "constitution")
+    constitution_file = data.pop("constitution_file", None)
+    if constitution_file is not None:
+        path = base_dir / str(constitution_file)
+        if not path.is_file():
+            raise JudgeConfigError(f"constitution_file {path} does not exist")
+        principles += [line.strip().lstrip("-*").strip()
+                       for line in path.read_text(encoding="utf-8").splitlines()
+                       if line.strip() and not line.lstrip().startswith("#")]
+    return tuple(principles)
+
+
+def _ensemble(data: dict[str, Any], base_dir: Path, depth: int) -> EnsembleConfig:
+    if depth:
+        raise JudgeConfigError("ensembles cannot be nested")
+    members: list[JudgeConfig] = []
+    for i, member in enumerate(_list(data.pop("members", None), "members")):
+        if isinstance(member, str):
+            members.append(load_judge_config(base_dir / member, _depth=depth + 1))
+        elif isinstance(member, dict):
+            members.append(judge_config_from_dict(member, base_dir=base_dir, _depth=depth + 1))
+        else:
+            raise JudgeConfigError(f"members[{i}] must be a file path or a table")
+    if not data.get("weights"):
+        data["weights"] = [1.0] * len(members)
+    # The members are configs already (the reader types tables, not a union of configs).
+    values = coerce_fields(EnsembleConfig, data, JudgeConfigError, what="ensemble")
+    try:
+        return EnsembleConfig(**values, members=tuple(members))
+    except TypeError as exc:
+        raise JudgeConfigError(f"ensemble: {exc}") from None
 
 
 def judge_config_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None,
@@ -366,81 +357,53 @@ def judge_config_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = N
     base_dir = base_dir or Path.cwd()
     data = dict(data)
     kind = data.pop("kind", "llm")
-    limits = _dataclass_from(RunLimits, data.pop("limits", {}) or {}, "limits")
-    routing = _dataclass_from(RoutingConfig, data.pop("routing", {}) or {}, "routing")
-    if "task_kinds" in data:
-        data["task_kinds"] = _tuple(data["task_kinds"], "task_kinds")
+    if kind not in _CLASSES:
+        raise JudgeConfigError(
+            f"kind must be llm, rule, reward_model or ensemble, not {kind!r}")
+    for section in ("limits", "routing"):
+        if section in data and not data[section]:
+            del data[section]  # an empty or null section means the defaults
+    if kind == "ensemble":
+        return _ensemble(data, base_dir, _depth)
     if kind == "llm":
         rubric_ref = data.pop("rubric", "default_v1")
         if not isinstance(rubric_ref, str):
-            raise ConfigError("rubric must be a builtin rubric name or a file path")
+            raise JudgeConfigError("rubric must be a builtin rubric name or a file path")
         data["rubric"] = load_rubric(rubric_ref, base_dir=base_dir)
-        principles = list(_tuple(data.pop("constitution", None), "constitution"))
-        constitution_file = data.pop("constitution_file", None)
-        if constitution_file is not None:
-            path = base_dir / str(constitution_file)
-            if not path.is_file():
-                raise ConfigError(f"constitution_file {path} does not exist")
-            principles += [line.strip().lstrip("-*").strip()
-                           for line in path.read_text(encoding="utf-8").splitlines()
-                           if line.strip() and not line.lstrip().startswith("#")]
-        data["constitution"] = tuple(principles)
-        return _dataclass_from(LLMJudgeConfig, {**data, "limits": limits, "routing": routing},
-                               "llm judge")
-    if kind == "rule":
-        checks = tuple(
-            _dataclass_from(CheckConfig, {**c, "required_keys": _tuple(
-                c.get("required_keys"), "required_keys")}, f"checks[{i}]")
-            for i, c in enumerate(_tuple(data.pop("checks", None), "checks"))
-        )
-        return _dataclass_from(RuleJudgeConfig, {**data, "checks": checks, "limits": limits,
-                                                 "routing": routing}, "rule judge")
-    if kind == "reward_model":
+        data["constitution"] = _constitution(data, base_dir)
+    elif kind == "rule":
+        data["checks"] = _list(data.get("checks"), "checks")
+    else:
         model_path = data.get("model_path")
         if (isinstance(model_path, str) and not Path(model_path).is_absolute()
                 and (base_dir / model_path).exists()):
             data["model_path"] = str((base_dir / model_path).resolve())
-        return _dataclass_from(RewardModelJudgeConfig, {**data, "limits": limits,
-                                                        "routing": routing}, "reward model judge")
-    if kind == "ensemble":
-        if _depth:
-            raise ConfigError("ensembles cannot be nested")
-        members = []
-        for i, member in enumerate(_tuple(data.pop("members", None), "members")):
-            if isinstance(member, str):
-                members.append(load_judge_config(base_dir / member, _depth=_depth + 1))
-            elif isinstance(member, dict):
-                members.append(judge_config_from_dict(member, base_dir=base_dir,
-                                                      _depth=_depth + 1))
-            else:
-                raise ConfigError(f"members[{i}] must be a file path or a table")
-        weights = _tuple(data.pop("weights", None), "weights") or (1.0,) * len(members)
-        return _dataclass_from(EnsembleConfig, {**data, "members": tuple(members),
-                                                "weights": tuple(float(w) for w in weights),
-                                                "limits": limits, "routing": routing},
-                               "ensemble")
-    raise ConfigError(f"kind must be llm, rule, reward_model or ensemble, not {kind!r}")
+    config: JudgeConfig = build(_CLASSES[kind], data, JudgeConfigError, what=_WHAT[kind])
+    return config
 
 
-def load_judge_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
+def load_judge_config(path: str | Path, *, overrides: Sequence[str] = (),
                       _depth: int = 0) -> JudgeConfig:
-    """Read a .toml or .json judge config; `overrides` replace top-level keys (e.g. from flags)."""
+    """Read a .toml or .json judge config, then apply `overrides`: `key=value` or
+    `section.key=value` items (the one `--set` grammar, e.g. `limits.concurrency=4`)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"judge config {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise JudgeConfigError(f"judge config {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise JudgeConfigError(f"{path}: {exc}") from None
+    else:
+        data = read_toml(path, JudgeConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a table/object")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if "." in key:  # e.g. limits.concurrency
-            section, sub = key.split(".", 1)
-            data[section] = {**(data.get(section) or {}), sub: value}
-        else:
-            data[key] = value
+        raise JudgeConfigError(f"{path}: the config must be a table/object")
+    if overrides:
+        cls = _CLASSES.get(data.get("kind", "llm"), LLMJudgeConfig)
+        data = apply_overrides(data, overrides, cls, JudgeConfigError)
     return judge_config_from_dict(data, base_dir=path.parent, _depth=_depth)
+
+
+__all__ = ["TASK_KINDS", "EnsembleConfig", "JudgeConfig", "JudgeConfigError", "LLMJudgeConfig",
+           "RewardModelJudgeConfig", "RoutingConfig", "RuleJudgeConfig", "RunLimits",
+           "judge_config_from_dict", "load_judge_config"]

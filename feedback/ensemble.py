@@ -2,10 +2,11 @@
 
     prefloop judge run --judge judges/ensemble.toml     # kind = "ensemble", members = [...]
 
-Each member runs first as an ordinary judge (idempotent, under its own identity); the ensemble
-then reads the members' stored labels and writes one combined label per task under its own
-identity. Only tasks every member has dealt with are combined, so a rerun after an interrupted
-member run fills the rest. The vote is a pure function (`vote`).
+Each member runs first as an ordinary judge (feedback.batch.run_judge: idempotent, under its own
+identity); `combine_ensemble` then reads the members' stored labels and stores one combined
+label per task under the ensemble's identity, through the same judge-label writer as the batch
+runner (store/judge_labels.py). Only tasks every member has dealt with are combined, so a rerun
+after an interrupted member run fills the rest. The vote is a pure function (`vote`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from sqlmodel import Session, col, select
 
 from feedback.config import EnsembleConfig, LLMJudgeConfig
 from feedback.judge import Decision
+from feedback.progress import RunStats
 from store import repo
-from store.calibration import raise_task_priority
 from store.db import Database
-from store.errors import Conflict, IdempotencyMismatch
+from store.judge_labels import JudgeLabel, record_judge_labels
 from store.models import Annotator, AnnotatorKind, Label, LabelStatus, Task
 
 
@@ -79,13 +80,10 @@ def _member_labels(session: Session, member_ids: Sequence[int], ensemble_id: int
     return out
 
 
-async def run_ensemble(db: Database, config: EnsembleConfig, **kw: Any) -> Any:
-    """Run every member, then write the combined labels. Returns the ensemble's RunStats."""
-    from feedback.batch import BatchRunner, RunStats
-
-    member_stats = []
-    for member in config.members:
-        member_stats.append(await BatchRunner(db, member, **kw).run())
+async def combine_ensemble(db: Database, config: EnsembleConfig,
+                           member_stats: Sequence[RunStats]) -> RunStats:
+    """Store the combined labels of the members' runs; the ensemble's RunStats (requests and
+    spend are the members')."""
 
     def combine(session: Session) -> RunStats:
         stats = RunStats()  # built inside: run_write may re-run this from scratch
@@ -101,7 +99,7 @@ async def run_ensemble(db: Database, config: EnsembleConfig, **kw: Any) -> Any:
         rows = session.exec(select(Annotator).where(col(Annotator.name).in_(list(members))))
         weight_of = {a.id or 0: (members[a.name] if config.method == "weighted" else 1.0)
                      for a in rows}
-        routed = []
+        labels = []
         for task_id, by_member in _member_labels(session, list(weight_of), ensemble_id).items():
             if len(by_member) < len(weight_of):
                 continue  # a member has not dealt with this task yet
@@ -112,31 +110,23 @@ async def run_ensemble(db: Database, config: EnsembleConfig, **kw: Any) -> Any:
                         weight_of[annotator_id])
                        for annotator_id, lb in sorted(by_member.items())]
             decision = vote(task.kind.value, ballots)
-            stats.tasks_pending += 1
-            try:
-                result = repo.submit_label(
-                    session=session, task_id=task_id, annotator_id=ensemble_id,
-                    value=decision.value,
-                    status=LabelStatus.submitted if decision.valid else LabelStatus.invalid,
-                    confidence=decision.confidence,
-                    details={**decision.details, "members": sorted(members)},
-                    idempotency_key=f"judge:{task.task_key}")
-            except (Conflict, IdempotencyMismatch):
-                stats.already_labelled += 1
-                continue
-            if result.replayed:
+            labels.append(JudgeLabel(
+                task_id=task_id, task_key=task.task_key, value=decision.value,
+                confidence=decision.confidence,
+                details={**decision.details, "members": sorted(members)},
+                route=decision.route or (decision.confidence is not None and
+                                         decision.confidence < config.routing.min_confidence)))
+        stored = record_judge_labels(session=session, annotator_id=ensemble_id, labels=labels,
+                                     priority=config.routing.priority)
+        stats.tasks_pending = len(labels)
+        for label, written in zip(labels, stored.written, strict=True):
+            if not written:
                 stats.already_labelled += 1
                 continue
             stats.written += 1
-            if decision.valid:
-                stats.valid += 1
-            else:
-                stats.invalid += 1
-            if decision.route or (decision.confidence is not None and
-                                  decision.confidence < config.routing.min_confidence):
-                routed.append(task_id)
-        stats.routed = len(routed)
-        raise_task_priority(session=session, task_ids=routed, priority=config.routing.priority)
+            stats.valid += label.valid
+            stats.invalid += not label.valid
+            stats.routed += label.route
         return stats
 
     result = await asyncio.to_thread(db.run_write, combine)
@@ -144,3 +134,6 @@ async def run_ensemble(db: Database, config: EnsembleConfig, **kw: Any) -> Any:
         result.requests += ran.requests
         result.spend_usd += ran.spend_usd
     return result
+
+
+__all__ = ["combine_ensemble", "vote"]

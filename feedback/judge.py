@@ -1,8 +1,9 @@
 """The pure core of an LLM judge: orders, messages, strict verdict parsing, debiasing, flags.
 
 Nothing here does I/O, so every rule is tested against hand-computed values
-(tests/feedback/test_judge_core.py). The batch runner (feedback/batch.py) is a thin shell that
-sends the messages built here and hands the raw outputs back to `parse_verdict` and `combine_*`.
+(tests/feedback/test_judge_core.py). feedback/plans.py builds each call's messages with these
+functions and hands the raw outputs back to `parse_verdict` and `combine_*`; the batch runner
+(feedback/batch.py) only sends the calls.
 
 Bias mitigations and where they come from:
 - Both orders for pairwise, inconsistent verdicts become a tie or go to humans: MT-Bench

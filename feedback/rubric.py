@@ -15,6 +15,8 @@ Placeholders (string.Template, substituted in one pass, so candidate text is nev
 `$principles`, `$question`, `$reference`, `$responses`, `$format`. The rubric's name and version
 are part of the judge's identity; its sha256 is recorded too, so editing a rubric without bumping
 its version is caught when the judge next runs. Builtin rubrics live in feedback/rubrics/.
+
+    prefloop judge rubrics          # the builtin rubrics, their versions and task kinds
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from string import Template
 from types import MappingProxyType
 from typing import Any
 
+from training.config_reader import ConfigError
+
 BUILTIN_DIR = Path(__file__).with_name("rubrics")
 SECTION = re.compile(r"^=== *(pairwise|listwise|binary)\.(system|user) *===\s*$", re.MULTILINE)
 ALLOWED_PLACEHOLDERS = {"principles", "question", "reference", "responses", "format"}
 
 
-class RubricError(ValueError):
-    pass
+class RubricError(ConfigError):
+    """A rubric that cannot be used; a ConfigError, since a rubric is part of a judge config."""
 
 
 @dataclass(frozen=True)

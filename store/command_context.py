@@ -37,7 +37,7 @@ def command_context(ctx: typer.Context) -> CommandContext:
     obj = ctx.find_root().obj
     if obj is None:
         raise RuntimeError("no command context: run the command through cli.py's app")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -1,4 +1,18 @@
-"""The store's one write path: every insert, update and delete goes through a function here.
+"""The store's core write functions, and the map of who writes which rows.
+
+Every insert, update and delete of the project goes through a function of `store/`; no module
+outside it adds a row or commits one. Which module writes what:
+
+- here (store/repo.py): annotators (`get_or_create_annotator`), prompts, completions, tasks and
+  their items, policy versions, labels with their audit events (`record_label`, wrapped by
+  `submit_label`; `update_label`, `delete_label`) and export snapshots (`record_export`);
+- store/judge_labels.py: every label a judge stores, batch judges (feedback/batch.py) and
+  ensembles (feedback/ensemble.py) alike, through `submit_label`, and the routing of those
+  tasks to humans; store/calibration.py: judge calibrations and task priorities (routing);
+- store/accounts.py: API tokens; store/assignment.py: task leases and the task queue;
+  store/deployments.py: policy status changes with their audit events; store/rounds.py: rounds,
+  their state moves and the round lock; store/importing.py and store/exporting.py write through
+  the functions here. The web service's human labels go through `record_label` (app/).
 
 Each function takes the session as a keyword (`*, session`) and never commits: the caller owns
 the transaction (`Database.write()` or `Database.run_write`), so one submit is one transaction.
@@ -7,6 +21,9 @@ SAVEPOINT and, on a unique-key clash, read back the row the other writer stored;
 (`record_label`, in SQLAlchemy Core, which `submit_label` wraps) is an INSERT ... ON CONFLICT DO
 NOTHING RETURNING followed, when nothing was inserted, by reading the label that is there. Both
 are safe on PostgreSQL's concurrent transactions as well as on SQLite's single writer.
+
+    with db.write() as session:
+        prompt = get_or_create_prompt(session=session, content="What is 2 + 2?")
 """
 
 from __future__ import annotations

@@ -14,12 +14,13 @@ import pytest
 from sqlmodel import col, func, select
 
 from feedback.batch import BatchRunner, RateLimiter, TaskFilter, run_judge
-from feedback.config import ConfigError, LLMJudgeConfig, RoutingConfig, RunLimits
+from feedback.config import LLMJudgeConfig, RoutingConfig, RunLimits
 from feedback.rubric import load_rubric
 from store.db import Database
 from store.models import Annotator, AnnotatorKind, Label, LabelStatus, Task
 from tests.feedback.conftest import make_tasks
 from tests.feedback.fault_server import FaultServer
+from training.config_reader import ConfigError
 
 TIMEOUT_S = 0.4
 RATE = 40.0

@@ -9,7 +9,7 @@ from sqlmodel import select
 
 from feedback.batch import BatchRunner
 from feedback.calibrate import calibrate, calibration_metrics, cohen_kappa, route_tasks
-from feedback.config import CheckConfig, RuleJudgeConfig
+from feedback.config import RuleJudgeConfig
 from store import repo
 from store.calibration import (
     CalibrationItem,
@@ -21,6 +21,7 @@ from store.calibration import (
 from store.db import Database
 from store.errors import InvalidInput
 from store.models import AnnotatorKind, JudgeCalibration, LabelStatus, Task, TaskKind
+from training.verifiable import CheckConfig
 
 SUB, INV = LabelStatus.submitted, LabelStatus.invalid
 

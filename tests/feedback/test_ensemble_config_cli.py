@@ -10,20 +10,21 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from feedback.batch import TaskFilter, run_judge
+from feedback.batch import run_judge
 from feedback.config import (
-    ConfigError,
     EnsembleConfig,
     LLMJudgeConfig,
     RuleJudgeConfig,
     load_judge_config,
 )
 from feedback.ensemble import vote
+from feedback.tasks import TaskFilter
 from store.db import Database
 from store.errors import InvalidInput
 from store.models import Annotator, Label, LabelStatus, Task
 from tests.feedback.conftest import make_tasks
 from tests.feedback.fault_server import FaultServer
+from training.config_reader import ConfigError
 
 
 def test_vote_majority_and_weighted() -> None:
@@ -83,7 +84,7 @@ method = "weighted"
 """))
     assert isinstance(ensemble, EnsembleConfig) and ensemble.weights == (1.0, 2.0)
     overridden = load_judge_config(tmp_path / "llm.toml",
-                                   overrides={"model": "other", "limits.rate_limit_rps": 2.5})
+                                   overrides=["model=other", "limits.rate_limit_rps=2.5"])
     assert overridden.model == "other" and overridden.limits.rate_limit_rps == 2.5
     assert overridden.limits.concurrency == 3  # the rest of the section is kept
 
