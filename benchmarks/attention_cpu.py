@@ -4,7 +4,7 @@
     python benchmarks/attention_cpu.py --heads 9 --head-dim 64 --repeats 7
 
 Why: `TrainConfig.attention = "auto"` picks eager attention on CPU for short sequences
-(training.trainer.EAGER_ATTENTION_MAX_LENGTH). This prints, for a range of sequence lengths, the
+(training.runtime.EAGER_ATTENTION_MAX_LENGTH). This prints, for a range of sequence lengths, the
 best-of-N time of one causal, padded attention call plus its backward under bf16 autocast (fp32
 where the CPU has no bf16 matmuls) for both kernels, the ratio, and the memory eager keeps for
 the backward (its (B, heads, T, T) probabilities), so the threshold can be re-checked on other

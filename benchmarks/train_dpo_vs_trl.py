@@ -215,7 +215,7 @@ def main() -> None:
 
     import torch
 
-    from training.trainer import bf16_supported, select_device
+    from training.runtime import bf16_supported, select_device
 
     device = select_device("auto")
     precision = args.precision

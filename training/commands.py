@@ -85,10 +85,11 @@ def _offline_command(mode: str) -> Callable[..., None]:
         resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint "
                                              "in --out.")] = False,
     ) -> None:
-        from training.config import ConfigError
+        from training.config_reader import ConfigError
         from training.data import DataError
         from training.models import ModelNotFoundError
-        from training.trainer import TrainingError, train_from_cli
+        from training.run_files import TrainingError
+        from training.trainer import train_from_cli
 
         try:
             result = train_from_cli(mode, data=str(data), model=model, out=str(out),

@@ -1,13 +1,11 @@
-"""Typed, frozen training configuration: defaults, TOML files and `key=value` overrides.
+"""Typed, frozen training configuration of `prefloop train {sft,rm,dpo,kto}`.
 
 A run is described by one `TrainConfig`. It is resolved once, in this order, and never mutated:
 field defaults -> `training/configs/<mode>.toml` -> the user's `--config FILE.toml` -> `--set k=v`
-overrides. Unknown keys and ill-typed values are errors, and every cross-field rule is checked in
-`__post_init__`, before any model is loaded. The resolved config is saved as `config.json` beside
-the run's outputs.
-
-The field-type checks, `key=value` parsing, TOML reading and JSON saving below are generic over the
-config dataclass and its error class: `training.online_config` and `training.ppo_config` use them.
+overrides. Unknown keys and ill-typed values are errors (training.config_reader, the one config
+reader), and every cross-field rule is checked in `__post_init__`, before any model is loaded.
+The resolved config is saved as `config.json` beside the run's outputs. The loss names are the
+one list of training.loss_names.
 
     python -c "from training.config import load_config; print(load_config('dpo', None, \
 ['data=x.jsonl', 'model=smollm2-135m-instruct', 'out=runs/x', 'beta=0.2']))"
@@ -15,47 +13,17 @@ config dataclass and its error class: `training.online_config` and `training.ppo
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import tomllib
-import types
-import typing
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, cast, get_args
+
+from training import loss_names
+from training.config_reader import ConfigError, SavableConfig, build, resolve_fields
+from training.loss_names import LOSS_TYPES
 
 Mode = Literal["sft", "rm", "dpo", "kto"]
 MODES: tuple[str, ...] = get_args(Mode)
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-# Loss types accepted by each mode (first = default). Reference-free DPO variants are simpo, orpo.
-LOSS_TYPES: dict[str, tuple[str, ...]] = {
-    "sft": ("sft",),
-    "rm": ("bradley_terry", "plackett_luce"),
-    "dpo": ("sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo", "rdpo", "orpo"),
-    "kto": ("kto",),
-}
-REFERENCE_FREE = frozenset({"simpo", "orpo", "sft", "bradley_terry", "plackett_luce"})
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run (unknown key, wrong type, inconsistent values)."""
-
-
-class SavableConfig:
-    """`to_dict` and `save` for the frozen config dataclasses (Train-, Online-, PPOConfig)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        fields = dataclasses.fields(typing.cast(Any, self))  # subclasses are dataclasses
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields}
-
-    def save(self, path: Path) -> None:
-        """Write the resolved config as JSON."""
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -187,109 +155,7 @@ class TrainConfig(SavableConfig):
     @property
     def needs_reference(self) -> bool:
         """True when the loss compares the policy with a frozen reference policy."""
-        return self.loss_type not in REFERENCE_FREE
-
-
-# --- generic over the config dataclass `cls` and the error class it raises --------------------
-@functools.cache
-def field_types(cls: type) -> dict[str, Any]:
-    """The declared type of each field of the dataclass `cls` (resolved once per class)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def coerce_field(cls: type, name: str, value: Any, error: type[Exception] = ConfigError, *,
-                 strip_lists: bool = True) -> Any:
-    """Check (and lightly convert) one value against the declared type of field `name` of `cls`.
-
-    A string given for a list field is split at commas; `strip_lists` also strips the items, which
-    is wrong where spaces matter (generation stop strings such as " Q:" or "\\n\\n").
-    """
-    known = field_types(cls)
-    if name not in known:
-        raise error(f"unknown config key {name!r}; known keys: {', '.join(sorted(known))}")
-    expected = known[name]
-    origin = get_origin(expected)
-    if origin is Literal:
-        if value not in get_args(expected):
-            raise error(f"{name} must be one of {get_args(expected)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            items = (v.strip() for v in value.split(",")) if strip_lists else value.split(",")
-            value = [v for v in items if v]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise error(f"{name} must be a list of strings, got {value!r}")
-        return tuple(value)
-    if origin in (types.UnionType, typing.Union):
-        raise error(f"unsupported field type for {name}")  # none today; keep types simple
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise error(f"{name} must be true or false, got {value!r}")
-    if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise error(f"{name} must be an integer, got {value!r}")
-    if expected is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise error(f"{name} must be a number, got {value!r}")
-    if expected is str:
-        if isinstance(value, str):
-            return value
-        raise error(f"{name} must be a string, got {value!r}")
-    raise error(f"unsupported field type for {name}: {expected}")
-
-
-def parse_key_value(item: str, cls: type, error: type[Exception] = ConfigError) -> tuple[str, Any]:
-    """Parse one `key=value` override; the value is read as a TOML literal, else as a string."""
-    if "=" not in item:
-        raise error(f"override {item!r} is not of the form key=value")
-    key, raw = (part.strip() for part in item.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings such as paths, `zero2` or `rule:format`
-    if field_types(cls).get(key) is str and not isinstance(value, str):
-        value = raw  # e.g. model=123 stays the string "123"
-    return key, value
-
-
-def read_toml(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """A flat TOML config file; a missing or unreadable file is a config error, not a crash."""
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise error(f"{path}: {err}") from err
-
-
-def resolve_fields(cls: type, files: Iterable[Path], overrides: Iterable[str],
-                   error: type[Exception] = ConfigError, *, strip_lists: bool = True,
-                   pin: tuple[str, str, str] | None = None) -> dict[str, Any]:
-    """Type-checked field values of `cls` from TOML `files` then `key=value` overrides (later wins).
-
-    pin: (key, value, what fixes it), e.g. ("mode", "dpo", "the command"): a layer that sets
-    `key` to another value is an error, and the result always holds key=value.
-    """
-    layers = [read_toml(path, error) for path in files]
-    layers.append(dict(parse_key_value(item, cls, error) for item in overrides))
-    values: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if pin is not None and key == pin[0] and value != pin[1]:
-                raise error(f"config says {key}={value!r} but {pin[2]} is {pin[1]!r}")
-            values[key] = coerce_field(cls, key, value, error, strip_lists=strip_lists)
-    if pin is not None:
-        values[pin[0]] = pin[1]
-    return values
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse one `key=value` TrainConfig override (see parse_key_value)."""
-    return parse_key_value(item, TrainConfig)
+        return loss_names.needs_reference(self.loss_type)
 
 
 def load_config(mode: str, toml_path: Path | None, overrides: list[str]) -> TrainConfig:
@@ -314,8 +180,7 @@ def load_config(mode: str, toml_path: Path | None, overrides: list[str]) -> Trai
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from a saved config.json (type-checked like any other input)."""
-    return TrainConfig(**{key: coerce_field(TrainConfig, key, value)
-                          for key, value in data.items()})
+    return cast(TrainConfig, build(TrainConfig, data, ConfigError))
 
 
-__all__ = ["LOSS_TYPES", "MODES", "ConfigError", "TrainConfig", "config_from_dict", "load_config"]
+__all__ = ["CONFIG_DIR", "MODES", "Mode", "TrainConfig", "config_from_dict", "load_config"]

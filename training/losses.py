@@ -14,15 +14,10 @@ Notation follows TRL: `chosen_logps` is log pi_theta(y_w | x) summed over the co
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-PreferenceLossType = Literal["sigmoid", "ipo", "hinge", "cdpo", "robust", "simpo", "rdpo", "orpo"]
-# Losses that compare the policy with a frozen reference model (and so need reference log-probs).
-REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
-
+from training.loss_names import PreferenceLossType
 
 # --------------------------------------------------------------------------------------------
 # Log-probability helpers (shared with the Training II algorithms: PPO/GRPO reuse token_logps).

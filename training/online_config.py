@@ -1,7 +1,8 @@
 """Typed, frozen configuration of the online algorithms (GRPO, rejection sampling, iterative DPO).
 
 Resolved once, in this order, and never mutated: field defaults -> training/configs/<algo>.toml ->
-the user's TOML file -> `key=value` overrides. Unknown keys and ill-typed values are errors, every
+the user's TOML file -> `key=value` overrides (training.config_reader, the one config reader).
+Unknown keys and ill-typed values are errors, every
 cross-field rule is checked in `__post_init__` before a model is loaded, and the resolved config
 is saved as `config.json` in the run folder.
 
@@ -14,19 +15,14 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-from training.config import (
-    CONFIG_DIR,
-    ConfigError,
-    SavableConfig,
-    parse_key_value,
-    resolve_fields,
-)
+from training.config import CONFIG_DIR
+from training.config_reader import ConfigError, SavableConfig, resolve_fields
+from training.loss_names import REFERENCE_BASED_PREFERENCE_LOSSES
 
 Algo = Literal["grpo", "rs", "online-dpo"]
 ALGOS: tuple[str, ...] = get_args(Algo)
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "cdpo", "robust", "rdpo")
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ class OnlineConfig(SavableConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """Learner's attention kernel (TrainConfig.attention): auto = eager on CPU when the longest
-    prompt plus max_new_tokens fits in training.trainer.EAGER_ATTENTION_MAX_LENGTH tokens."""
+    prompt plus max_new_tokens fits in training.runtime.EAGER_ATTENTION_MAX_LENGTH tokens."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -152,20 +148,15 @@ class OnlineConfig(SavableConfig):
             raise ConfigError("GRPO compares samples within a group: samples_per_prompt >= 2")
         if self.algo == "online-dpo" and self.samples_per_prompt < 2:
             raise ConfigError("online DPO builds pairs: samples_per_prompt >= 2")
-        if self.loss_type not in PREFERENCE_LOSSES:
-            raise ConfigError(f"loss_type must be one of {PREFERENCE_LOSSES} (reference-based "
-                              f"DPO losses), got {self.loss_type!r}")
+        if self.loss_type not in REFERENCE_BASED_PREFERENCE_LOSSES:
+            raise ConfigError(f"loss_type must be one of {REFERENCE_BASED_PREFERENCE_LOSSES} "
+                              f"(reference-based DPO losses), got {self.loss_type!r}")
         if self.algo != "rs" and self.temperature == 0:
             raise ConfigError(f"{self.algo} needs different samples per prompt: temperature > 0")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules must name at least one module")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """One `key=value` OnlineConfig override (see training.config.parse_key_value)."""
-    return parse_key_value(item, OnlineConfig)
 
 
 def config_file(algo: str) -> Path:

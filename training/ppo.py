@@ -8,8 +8,8 @@ iteration reads like a recipe (cf. verl's `fit()`):
     parallel) -> normalise scores -> token rewards with the KL penalty -> GAE per shard ->
     whiten with global moments -> update critic and actor (in parallel) -> KL controller
 
-The math is the pure functions of training.rl_losses (owner: the online-RL module) plus the two
-small compositions below; the roles and their placement are training/ray_roles.py.
+The math is the pure functions of training.rl_losses; the roles are training/ppo_roles.py, their
+batch layout training/ppo_batch.py and their placement on Ray training/ray_roles.py.
 
     prefloop train ppo --prompts prompts.jsonl --model smollm2-135m-instruct \
         --reward-model runs/rm/model --colocate actor,ref --colocate critic,reward \
@@ -28,12 +28,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.online_data import OnlineResult, read_prompts
+from training.ppo_batch import RoleError, pad_right, resolve_model_folder
 from training.ppo_config import PPOConfig, PPOConfigError, load_ppo_config
+from training.run_files import append_jsonl, changed_config_keys, git_sha, truncate_jsonl
 
 if TYPE_CHECKING:
     import torch
 
-    from training.online import OnlineResult
     from training.ray_roles import RoleGroup
 
 log = logging.getLogger("prefloop.training.ppo")
@@ -43,61 +45,6 @@ PhaseHook = Callable[[int, str, "RoleGroup"], None]
 
 class PPOError(RuntimeError):
     """A PPO run that cannot continue (a role died, bad input found late, resume mismatch)."""
-
-
-# ------------------------------------------------------------------------------ the math
-
-
-def shard_advantages(cfg: PPOConfig, *, old_logp: torch.Tensor, ref_logp: torch.Tensor,
-                     values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                     kl_coef: float) -> dict[str, torch.Tensor]:
-    """Token rewards, advantages and returns of one shard, before whitening.
-
-    r_t = -beta * kl_t (+ score on the last token): Ziegler et al. 2019, Eq. 2; then GAE
-    (Schulman et al. 2016, Eq. 16) with the critic's values, or with advantage_estimator =
-    "reinforce" the discounted return-to-go with no baseline (GAE with V = 0 and lambda = 1).
-
-    Args:
-        old_logp, ref_logp, values, mask: (B, C); scores: (B,) normalised sequence scores.
-
-    Returns:
-        {"kl", "rewards", "advantages", "returns"}, each (B, C), 0 off the mask.
-    """
-    import torch
-
-    from training.rl_losses import end_of_sequence_rewards, gae, kl_penalty
-
-    kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
-    rewards = end_of_sequence_rewards(scores, kl, mask, kl_coef)
-    if cfg.advantage_estimator == "gae":
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    else:
-        advantages, returns = gae(rewards, torch.zeros_like(values), mask, cfg.gamma, 1.0)
-        returns = advantages.clone()
-    return {"kl": kl, "rewards": rewards, "advantages": advantages, "returns": returns}
-
-
-def ptx_combined_loss(policy_loss: torch.Tensor, sft_loss: torch.Tensor, coef: float,
-                      scale: str) -> torch.Tensor:
-    """PPO-ptx: the policy loss plus an SFT (pretraining-mix) NLL term.
-
-    InstructGPT (Ouyang et al. 2022, Eq. 2) adds gamma * E_pretrain[log pi]. With scale =
-    "relative" the SFT term is rescaled to coef * |policy_loss| (the scale factor is detached,
-    so it only sets the size of the SFT gradient, not its direction) - the OpenRLHF trick of
-    tuning the pretraining loss "relative to the policy loss"; "fixed" is gamma = coef.
-    """
-    if scale == "fixed":
-        return policy_loss + coef * sft_loss
-    ratio = policy_loss.detach().abs() / sft_loss.detach().clamp(min=1e-8)
-    return policy_loss + coef * ratio * sft_loss
-
-
-def normalise_scores(scores: torch.Tensor, moments: Any, cfg: PPOConfig) -> torch.Tensor:
-    """Reward normalisation (running statistics, OpenRLHF trick) and optional clipping."""
-    out = moments.update(scores) if cfg.normalize_reward else scores.clone()
-    if cfg.reward_clip > 0:
-        out = out.clamp(-cfg.reward_clip, cfg.reward_clip)
-    return out.float()
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -126,8 +73,6 @@ def _is_role_failure(exc: BaseException) -> bool:
     """A dead Ray actor, or a role that lost its state (restarted) and refused the call."""
     from ray.exceptions import RayActorError, RayTaskError
 
-    from training.ray_roles import RoleError
-
     if isinstance(exc, RayActorError):
         return True
     if isinstance(exc, RoleError) and not isinstance(exc, RayTaskError):
@@ -144,8 +89,6 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, *, ray_address: str | None = None,
                  on_phase: PhaseHook | None = None):
         self.cfg, self.ray_address, self.on_phase = cfg, ray_address, on_phase
-        from training.online import read_prompts
-
         self.run_dir = Path(cfg.out)
         self.prompts = read_prompts(cfg.prompts)  # OnlineDataError (file:line) before Ray starts
 
@@ -179,8 +122,6 @@ class PPOTrainer:
         actor_state, critic_state = ray.get([
             roles.actors[0].call.remote("actor", "state"),
             roles.critic.call.remote("critic", "state")])
-        from training.ray_roles import RoleError
-
         # A role that Ray restarted behind our back has a fresh state: never checkpoint that.
         for name, role_state in (("actor", actor_state), ("critic", critic_state)):
             if int(role_state["applied_step"]) != step:
@@ -205,8 +146,8 @@ class PPOTrainer:
                 + [roles.critic.call.remote("critic", "load_state", state["critic"])])
         self._load_driver_state(state["driver"])
         step = int(state["step"])
-        _truncate_metrics(self.run_dir / "metrics.jsonl", step)
-        _truncate_metrics(self.run_dir / "samples.jsonl", step)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+        truncate_jsonl(self.run_dir / "samples.jsonl", step)
         return step
 
     def _prepare_run_dir(self) -> Path | None:
@@ -222,18 +163,14 @@ class PPOTrainer:
             for stale in ("metrics.jsonl", "samples.jsonl"):
                 (run_dir / stale).unlink(missing_ok=True)
             return None
-        saved = run_dir / "config.json"
-        if saved.exists():
-            before = json.loads(saved.read_text())
-            ignored = {"resume", "progress", "save_steps", "keep_checkpoints", "log_rollouts",
-                       "max_step_retries"}
-            now = self.cfg.to_dict()
-            changed = sorted(k for k in now if k not in ignored and before.get(k) != now[k])
-            if changed:
-                raise PPOConfigError(f"cannot resume {run_dir}: config changed in {changed}")
+        changed = changed_config_keys(run_dir / "config.json", self.cfg.to_dict(), {
+            "resume", "progress", "save_steps", "keep_checkpoints", "log_rollouts",
+            "max_step_retries"})
+        if changed:
+            raise PPOConfigError(f"cannot resume {run_dir}: config changed in {changed}")
         if latest is None:  # nothing to resume from: start over, without stale records
             for stale in ("metrics.jsonl", "samples.jsonl"):
-                _truncate_metrics(run_dir / stale, 0)
+                truncate_jsonl(run_dir / stale, 0)
         return latest
 
     # --- one iteration ----------------------------------------------------------------------
@@ -246,7 +183,7 @@ class PPOTrainer:
         import ray
         import torch
 
-        from training.rl_losses import combine_moments, masked_mean
+        from training.rl_losses import combine_moments, masked_mean, normalise_scores
 
         cfg, roles = self.cfg, self.roles
         started = time.perf_counter()
@@ -272,7 +209,8 @@ class PPOTrainer:
         timing["time/score_s"] = time.perf_counter() - started - timing["time/generate_s"]
         self._hook(step, "scored")
         sizes = [len(s) for s in raw_scores]
-        scores = normalise_scores(torch.cat(raw_scores), self.reward_moments, cfg)
+        scores = normalise_scores(torch.cat(raw_scores), self.reward_moments,
+                                  normalize=cfg.normalize_reward, clip=cfg.reward_clip)
         kl_coef = float(self.kl_ctl.value)
         moments = ray.get([
             handle.call.remote("actor", "make_advantages", step, ref_refs[i], value_refs[i],
@@ -358,7 +296,7 @@ class PPOTrainer:
             "algo": "ppo", "prompts": cfg.prompts, "num_prompts": len(self.prompts),
             "ray_address": self.ray_address, "ray_actors": len(self.roles.layout),
             "layout": [list(r) for r in self.roles.layout], "python": platform.python_version(),
-            "git_sha": _git_sha(), "pid": os.getpid(),
+            "git_sha": git_sha(), "pid": os.getpid(),
         }
         self.roles.start()
         try:
@@ -373,8 +311,7 @@ class PPOTrainer:
             while step < cfg.steps:
                 try:
                     record = self._step(step + 1)
-                    with metrics_path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    append_jsonl(metrics_path, [record])
                     if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
                         self._save(step + 1)
                 except Exception as exc:
@@ -422,36 +359,12 @@ class PPOTrainer:
         run_info |= {"steps_done": step, "retries": retries, "final_metrics": metrics,
                      "actor_optimizer_steps": optimizer_steps}
         (self.run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
-        from training.online import OnlineResult
-
         return OnlineResult(run_dir=self.run_dir, model_dir=final_dir, steps=step,
                             metrics=metrics)
 
 
 def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    from training.ray_roles import pad_right
-
     return pad_right(list(tensors))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (they are about to be replayed)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _git_sha() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 def resolve_ppo_config(*, prompts: str, model: str, reward_model: str | None, out: str,
@@ -488,7 +401,6 @@ def run_ppo(*, prompts: str, model: str, reward_model: str | None, out: str,
     cfg = resolve_ppo_config(prompts=prompts, model=model, reward_model=reward_model, out=out,
                              critic_init=critic_init, config_path=config_path,
                              overrides=overrides, colocate=colocate)
-    from training.ray_roles import resolve_model_folder
     from training.rewards import parse_reward_spec, reward_model_folder
 
     # Input errors are found here, before Ray starts or a model loads.
@@ -505,5 +417,5 @@ def run_ppo(*, prompts: str, model: str, reward_model: str | None, out: str,
     return PPOTrainer(cfg, ray_address=ray_address, on_phase=on_phase).run()
 
 
-__all__ = ["PPOError", "PPOTrainer", "PhaseHook", "normalise_scores", "prompt_batch",
-           "ptx_combined_loss", "resolve_ppo_config", "run_ppo", "shard_advantages"]
+__all__ = ["PPOError", "PPOTrainer", "PhaseHook", "prompt_batch", "resolve_ppo_config",
+           "run_ppo"]

@@ -2,8 +2,9 @@
 
 Resolved once, in this order, never mutated: field defaults -> `training/configs/ppo.toml` ->
 `--config FILE.toml` -> `--set key=value` -> the command's flags (--prompts, --model, ...).
-Unknown keys and ill-typed values are errors; cross-field rules are checked in `__post_init__`,
-before Ray starts or a model loads. The resolved config is saved as `config.json` in the run dir.
+Unknown keys and ill-typed values are errors (training.config_reader); cross-field rules are
+checked in `__post_init__`, before Ray starts or a model loads. The resolved config is saved as
+`config.json` in the run dir.
 
     python -c "from training.ppo_config import load_ppo_config as l; print(l(None, \
 ['prompts=p.jsonl', 'model=smollm2-135m-instruct', 'reward=rule:format', 'out=runs/ppo']))"
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from training.config import SavableConfig, coerce_field, parse_key_value, resolve_fields
+from training.config import CONFIG_DIR
+from training.config_reader import ConfigError, SavableConfig, build, resolve_fields
 
-CONFIG_PATH = Path(__file__).parent / "configs" / "ppo.toml"
+CONFIG_PATH = CONFIG_DIR / "ppo.toml"
 
 
-class PPOConfigError(ValueError):
+class PPOConfigError(ConfigError):
     """A PPO configuration that cannot run (unknown key, wrong type, inconsistent values)."""
 
 
@@ -222,11 +224,6 @@ class PPOConfig(SavableConfig):
         return self.critic_init or self.reward_model or self.model
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse one `key=value`; the value is read as a TOML literal, else kept as a string."""
-    return parse_key_value(item, PPOConfig, PPOConfigError)
-
-
 def load_ppo_config(toml_path: Path | str | None, overrides: list[str]) -> PPOConfig:
     """Resolve a PPOConfig from the bundled defaults, a TOML file and `key=value` overrides.
 
@@ -239,9 +236,7 @@ def load_ppo_config(toml_path: Path | str | None, overrides: list[str]) -> PPOCo
 
 def ppo_config_from_dict(data: dict[str, Any]) -> PPOConfig:
     """Rebuild a PPOConfig from a saved config.json (type-checked like any other input)."""
-    return PPOConfig(**{key: coerce_field(PPOConfig, key, value, PPOConfigError)
-                        for key, value in data.items()})
+    return cast(PPOConfig, build(PPOConfig, data, PPOConfigError))
 
 
-__all__ = ["PPOConfig", "PPOConfigError", "load_ppo_config", "parse_override",
-           "ppo_config_from_dict"]
+__all__ = ["PPOConfig", "PPOConfigError", "load_ppo_config", "ppo_config_from_dict"]

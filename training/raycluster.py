@@ -57,7 +57,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         num_cpus=num_cpus,
         include_dashboard=False,
         # Workers get OMP_NUM_THREADS from their actor's num_cpus; rollout actors call
-        # torch.set_num_threads themselves (training.rollout.RayRolloutEngine).
+        # torch.set_num_threads themselves (training.rollout_ray.RayRolloutEngine).
         runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath()}},
         log_to_driver=True,
     )

@@ -6,12 +6,12 @@ A spec string names the source (the same in configs, the CLI and the rounds):
     rm:runs/rm1                                 a `prefloop train rm` run folder (or its model/)
     rule:format+accuracy*0.5,rm:runs/rm1*0.5    a weighted sum
 
-Rules reuse the model-free checks of feedback.rules (store-free, pure): "format" = the response
-ends with one <answer>...</answer> block; "accuracy" = the number inside it equals the prompt's
-reference answer; "r1-format" = DeepSeek-R1's <think>...</think><answer>...</answer> layout. A rule
-spec scores the mean of its checks that apply (accuracy does not apply without a reference), in
-[0, 1]. The reward model scores the last token of prompt + response, as it was trained
-(training.logprobs.sequence_rewards).
+Rules are the model-free checks of training.verifiable (pure; the rule judges use them too):
+"format" = the response ends with one <answer>...</answer> block; "accuracy" = the number inside
+it equals the prompt's reference answer; "r1-format" = DeepSeek-R1's
+<think>...</think><answer>...</answer> layout. A rule spec scores the mean of its checks that
+apply (accuracy does not apply without a reference), in [0, 1]. The reward model scores the
+last token of prompt + response, as it was trained (training.logprobs.sequence_rewards).
 
     python -c "from training.rewards import make_reward as m; \
 print(m('rule:format+accuracy')(['q'], ['It is 7. <answer>7</answer>'], ['7']))"
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from feedback.config import CheckConfig
-from feedback.rules import R1_FORMAT, score_response
-from training.rollout import Prompt
+from training.rollout import PromptInput
+from training.verifiable import R1_FORMAT, CheckConfig, score_response
 
-RewardFn = Callable[[Sequence[Prompt], Sequence[str], Sequence[str | None]], list[float]]
+RewardFn = Callable[[Sequence[PromptInput], Sequence[str], Sequence[str | None]], list[float]]
 """RewardFn(prompts, texts, answers) -> one float per text (answers: references or None)."""
 
 ANSWER_TAG = r"<answer>(.*?)</answer>"
@@ -56,7 +55,7 @@ def rule_reward(name: str) -> RewardFn:
                               f"known: {', '.join(RULE_CHECKS)}")
     checks = tuple(RULE_CHECKS[p] for p in parts)
 
-    def score(prompts: Sequence[Prompt], texts: Sequence[str],
+    def score(prompts: Sequence[PromptInput], texts: Sequence[str],
               answers: Sequence[str | None]) -> list[float]:
         del prompts  # rules read only the response and the reference
         return [float(score_response(checks, text, answer).score or 0.0)
@@ -110,7 +109,7 @@ class RewardModelScorer:
         model.config.pad_token_id = tokenizer.pad_token_id
         return cls(model.eval(), tokenizer, batch_size)
 
-    def encode(self, prompt: Prompt, response: str) -> list[int]:
+    def encode(self, prompt: PromptInput, response: str) -> list[int]:
         tok = self.tokenizer
         if isinstance(prompt, list):
             messages = [*prompt, {"role": "assistant", "content": response}]
@@ -121,7 +120,7 @@ class RewardModelScorer:
             ids = tok(prompt + response + ("" if response.endswith(eos) else eos))["input_ids"]
         return list(ids[-self.max_length:])
 
-    def __call__(self, prompts: Sequence[Prompt], texts: Sequence[str],
+    def __call__(self, prompts: Sequence[PromptInput], texts: Sequence[str],
                  answers: Sequence[str | None]) -> list[float]:
         import torch
 
@@ -177,7 +176,7 @@ def make_reward(spec: str) -> RewardFn:
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
 
-    def combined(prompts: Sequence[Prompt], texts: Sequence[str],
+    def combined(prompts: Sequence[PromptInput], texts: Sequence[str],
                  answers: Sequence[str | None]) -> list[float]:
         total = [0.0] * len(texts)
         for source, weight in parts:

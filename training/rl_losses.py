@@ -3,10 +3,12 @@
 PPO (Schulman et al. 2017) with the RLHF details of Ziegler et al. 2019 / Ouyang et al. 2022
 (token-level KL penalty, reward on the last token, adaptive KL coefficient), GAE (Schulman et al.
 2016), advantage whitening with cross-worker statistics (the OpenRLHF "PPO implementation tricks"),
-and GRPO's group-normalised advantages (Shao et al. 2024, DeepSeekMath, Sec. 4.1). Nothing here
-touches a model: every function is checked against a closed form or a plain Python loop in
+GRPO's group-normalised advantages (Shao et al. 2024, DeepSeekMath, Sec. 4.1), and the small PPO
+compositions built from them (per-shard advantages, the PPO-ptx term, reward normalisation).
+Nothing here touches a model or a config: every function is checked against a closed form or a
+plain Python loop in
 
-    python -m pytest tests/rl/test_rl_losses.py -q
+    python -m pytest tests/rl/test_rl_losses.py tests/rl/test_ppo_math.py -q
 
 Shapes: B sequences, T completion positions; `mask` is 1 on completion tokens (the positions that
 carry a log-prob, a value and a reward), 0 on padding. Completions are right-padded.
@@ -327,6 +329,60 @@ def clipped_value_loss(
     return 0.5 * masked_mean(per_token, mask)
 
 
+# ------------------------------------------------------------------------------ PPO compositions
+
+
+def shard_advantages(*, old_logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor,
+                     scores: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                     kl_estimator: KLEstimator, advantage_estimator: Literal["gae", "reinforce"],
+                     gamma: float, lam: float) -> dict[str, torch.Tensor]:
+    """PPO's token rewards, advantages and returns of one shard, before whitening.
+
+    r_t = -beta * kl_t (+ score on the last token): Ziegler et al. 2019, Eq. 2; then GAE
+    (Schulman et al. 2016, Eq. 16) with the critic's values, or with advantage_estimator =
+    "reinforce" the discounted return-to-go with no baseline (GAE with V = 0 and lambda = 1).
+
+    Args:
+        old_logp, ref_logp, values, mask: (B, C); scores: (B,) normalised sequence scores.
+
+    Returns:
+        {"kl", "rewards", "advantages", "returns"}, each (B, C), 0 off the mask.
+    """
+    kl = kl_penalty(old_logp, ref_logp, kl_estimator) * mask
+    rewards = end_of_sequence_rewards(scores, kl, mask, kl_coef)
+    if advantage_estimator == "gae":
+        advantages, returns = gae(rewards, values, mask, gamma, lam)
+    else:
+        advantages, returns = gae(rewards, torch.zeros_like(values), mask, gamma, 1.0)
+        returns = advantages.clone()
+    return {"kl": kl, "rewards": rewards, "advantages": advantages, "returns": returns}
+
+
+def ptx_combined_loss(policy_loss: torch.Tensor, sft_loss: torch.Tensor, coef: float,
+                      scale: str) -> torch.Tensor:
+    """PPO-ptx: the policy loss plus an SFT (pretraining-mix) NLL term.
+
+    InstructGPT (Ouyang et al. 2022, Eq. 2) adds gamma * E_pretrain[log pi]. With scale =
+    "relative" the SFT term is rescaled to coef * |policy_loss| (the scale factor is detached,
+    so it only sets the size of the SFT gradient, not its direction) - the OpenRLHF trick of
+    tuning the pretraining loss "relative to the policy loss"; "fixed" is gamma = coef.
+    """
+    if scale == "fixed":
+        return policy_loss + coef * sft_loss
+    ratio = policy_loss.detach().abs() / sft_loss.detach().clamp(min=1e-8)
+    return policy_loss + coef * ratio * sft_loss
+
+
+def normalise_scores(scores: torch.Tensor, moments: RunningMoments, *, normalize: bool,
+                     clip: float) -> torch.Tensor:
+    """Reward normalisation by running statistics (OpenRLHF trick), then clipping to
+    [-clip, clip] when clip > 0."""
+    out = moments.update(scores) if normalize else scores.clone()
+    if clip > 0:
+        out = out.clamp(-clip, clip)
+    return out.float()
+
+
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
@@ -342,5 +398,8 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "masked_whiten",
+    "normalise_scores",
+    "ptx_combined_loss",
+    "shard_advantages",
     "shard_moments",
 ]

@@ -7,8 +7,9 @@ One protocol, `RolloutEngine`, three implementations:
   generator per sample (so a sample depends on (seed, prompt index, sample index), not on what
   else was in the batch), and the log-prob of every sampled token returned;
 - `VLLMRolloutEngine` (training/rollout_vllm.py): `vllm.LLM` on GPUs, tensor-parallel;
-- `RayRolloutEngine` (here): either of them inside a Ray actor, driven from the learner, with the
-  learner's weights pushed after each update (`load_state_dict`; see `policy_weights_for_sync`).
+- `RayRolloutEngine` (training/rollout_ray.py): either of them inside a Ray actor, driven from the
+  learner, with the learner's weights pushed after each update (`load_state_dict`; see
+  `policy_weights_for_sync`); `make_engine` there builds one by name.
 
     python -c "from training.rollout import HFRolloutEngine, SamplingParams as S; \
 e = HFRolloutEngine('smollm2-135m-instruct', dtype='bfloat16'); \
@@ -21,12 +22,12 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-Prompt = str | list[dict[str, str]]
+PromptInput = str | list[dict[str, str]]
 """A chat (list of messages) gets the chat template + generation prompt; a str is used as is."""
 
 
@@ -84,7 +85,8 @@ class Rollout:
 class RolloutEngine(Protocol):
     """What the online algorithms need from a generator."""
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams
+                 ) -> list[list[Rollout]]:
         """One list per prompt, each with params.n rollouts (sample_index 0..n-1)."""
         ...
 
@@ -103,7 +105,7 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return ((seed * 1_000_003 + prompt_index) * 1_009 + sample_index) % (2**63 - 1)
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: PromptInput) -> list[int]:
     """Token ids of a prompt, as training.data.encode_prompt_completion encodes prompts."""
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -126,7 +128,7 @@ def _torch_dtype(name: str) -> torch.dtype:
     if name == "auto":
         # bf16 only where the CPU has bf16 matmuls (AVX512-BF16/AMX) or on a GPU: on an
         # AVX2-only CPU a bf16 matmul is emulated and measured ~60x slower than fp32.
-        from training.trainer import bf16_supported
+        from training.runtime import bf16_supported
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.bfloat16 if bf16_supported(device) else torch.float32
@@ -208,7 +210,8 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams
+                 ) -> list[list[Rollout]]:
         import torch
 
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
@@ -371,99 +374,13 @@ def policy_weights_for_sync(model: Any, *, dtype: torch.dtype | None = None
     return out
 
 
-# ---------------------------------------------------------------------- engines in Ray actors
-
-
-class _RolloutWorker:
-    """The body of the rollout actor (wrapped with ray.remote in RayRolloutEngine)."""
-
-    def __init__(self, kind: str, model: str, num_threads: int | None,
-                 engine_kwargs: dict[str, Any]):
-        import torch
-
-        if num_threads:
-            # Ray sets OMP_NUM_THREADS from the actor's num_cpus; generation and learning
-            # alternate, so the rollout actor may use every core while it runs.
-            torch.set_num_threads(num_threads)
-        self.engine = make_engine(kind, model, **engine_kwargs)  # type: ignore[arg-type]
-
-    def ready(self) -> bool:
-        return True
-
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Rollout]]:
-        return self.engine.generate(prompts, params)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.engine.load_state_dict(state)
-
-    def load_weights_from(self, model_dir: str) -> None:
-        self.engine.load_weights_from(model_dir)
-
-
-class RayRolloutEngine:
-    """A rollout engine living in a Ray actor; calls block until the actor answers, and an actor
-    that died raises (ray.exceptions.RayActorError) instead of returning nothing.
-
-    Args:
-        kind: "hf" or "vllm".
-        model: what the engine loads.
-        num_cpus: CPUs reserved for the actor in Ray's scheduler (GPUs for vLLM go in
-            engine_kwargs, see VLLMRolloutEngine).
-        num_threads: torch threads inside the actor (None: Ray's default).
-        engine_kwargs: passed to the engine (dtype, batch_size, device, ...).
-    """
-
-    def __init__(self, kind: Literal["hf", "vllm"], model: str, *, num_cpus: float = 1,
-                 num_gpus: float = 0, num_threads: int | None = None, **engine_kwargs: Any):
-        import ray
-
-        worker: Any = ray.remote(_RolloutWorker)
-        self.actor: Any = worker.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-            kind, model, num_threads, engine_kwargs)
-        ray.get(self.actor.ready.remote())
-
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Rollout]]:
-        import ray
-
-        return ray.get(self.actor.generate.remote(list(prompts), params))
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        import ray
-
-        ray.get(self.actor.load_state_dict.remote(dict(state)))
-
-    def load_weights_from(self, model_dir: str) -> None:
-        import ray
-
-        ray.get(self.actor.load_weights_from.remote(model_dir))
-
-    def shutdown(self) -> None:
-        """Stop the actor (its memory is freed)."""
-        import ray
-
-        ray.kill(self.actor)
-
-
-def make_engine(kind: Literal["hf", "vllm"], model: str, **kwargs: Any) -> RolloutEngine:
-    """Build an engine in this process: "hf" (transformers) or "vllm" (needs vllm installed)."""
-    if kind == "hf":
-        return HFRolloutEngine(model, **kwargs)
-    if kind == "vllm":
-        from training.rollout_vllm import VLLMRolloutEngine
-
-        return VLLMRolloutEngine(model, **kwargs)
-    raise ValueError(f"rollout engine must be 'hf' or 'vllm', got {kind!r}")
-
-
 __all__ = [
     "HFRolloutEngine",
-    "Prompt",
-    "RayRolloutEngine",
+    "PromptInput",
     "Rollout",
     "RolloutEngine",
     "SamplingParams",
     "encode_prompt",
-    "make_engine",
     "policy_weights_for_sync",
     "sample_seed",
 ]

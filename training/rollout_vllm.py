@@ -6,7 +6,7 @@ and rlhf_utils.py). vLLM is imported only when the engine is built: the official
 CUDA-only (PLATFORM.md section 9), so on CPU machines this module is importable but the engine
 refuses with a clear error. Run it inside a Ray actor with GPUs:
 
-    from training.rollout import RayRolloutEngine
+    from training.rollout_ray import RayRolloutEngine
     engine = RayRolloutEngine("vllm", "runs/sft/model", num_gpus=2, num_cpus=1,
                               tensor_parallel_size=2)
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from training.rollout import Prompt, Rollout, SamplingParams, sample_seed
+from training.rollout import PromptInput, Rollout, SamplingParams, sample_seed
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,8 @@ class VLLMRolloutEngine:
         self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Rollout]]:
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams
+                 ) -> list[list[Rollout]]:
         import secrets
 
         from training.rollout import encode_prompt

@@ -15,9 +15,10 @@ from online_helpers import (
     word_reward,
 )
 
-from training.config import ConfigError
-from training.online import OnlineDataError, prompt_order, read_prompts, run_online
+from training.config_reader import ConfigError
+from training.online import run_online
 from training.online_config import load_online_config
+from training.online_data import OnlineDataError, prompt_order, read_prompts
 
 
 def test_grpo_runs_end_to_end_on_ray(local_ray: None, tiny_policy_dir: Path,

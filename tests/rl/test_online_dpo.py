@@ -14,7 +14,9 @@ from online_helpers import (
     word_reward,
 )
 
-from training.online import build_pairs, read_prompts, run_online
+from training.online import run_online
+from training.online_data import read_prompts
+from training.online_dpo import build_pairs
 
 
 def test_pairs_best_vs_worst_and_all_ordered_pairs() -> None:

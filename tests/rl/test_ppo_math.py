@@ -1,5 +1,6 @@
-"""PPO's own pieces without Ray: the compositions in training/ppo.py, the batch layout and
-forwards of training/ray_roles.py, the config, against closed forms and reference code paths."""
+"""PPO's own pieces without Ray: the compositions in training/rl_losses.py, the batch layout and
+forwards of training/ppo_batch.py, the roles of training/ppo_roles.py, the placement of
+training/ray_roles.py, the config, against closed forms and reference code paths."""
 
 from __future__ import annotations
 
@@ -10,32 +11,29 @@ from typing import Any
 import pytest
 import torch
 
-from training.ppo import (
-    normalise_scores,
-    prompt_batch,
-    ptx_combined_loss,
-    resolve_ppo_config,
-    shard_advantages,
-)
-from training.ppo_config import PPOConfig, PPOConfigError, load_ppo_config
-from training.ray_roles import (
+from training.optim import lr_factor
+from training.ppo import prompt_batch, resolve_ppo_config
+from training.ppo_batch import (
     StepLedger,
     StepOrderError,
     collate_rollouts,
-    hosts_for,
     last_token_scores,
-    lr_factor,
     minibatch_order,
     pad_right,
     policy_logps,
     token_values,
 )
+from training.ppo_config import PPOConfig, PPOConfigError, load_ppo_config
+from training.ray_roles import hosts_for
 from training.rl_losses import (
     RunningMoments,
     combine_moments,
     gae,
     kl_penalty,
     masked_whiten,
+    normalise_scores,
+    ptx_combined_loss,
+    shard_advantages,
     shard_moments,
 )
 
@@ -44,6 +42,12 @@ BASE = ["prompts=p.jsonl", "model=m", "out=o", "reward=rule:format"]
 
 def _cfg(*overrides: str) -> PPOConfig:
     return load_ppo_config(None, [*BASE, *overrides])
+
+
+def _estimators(cfg: PPOConfig) -> dict[str, Any]:
+    """The config fields rl_losses.shard_advantages takes as plain arguments."""
+    return {"kl_estimator": cfg.kl_estimator, "advantage_estimator": cfg.advantage_estimator,
+            "gamma": cfg.gamma, "lam": cfg.lam}
 
 
 def _ragged_mask(lengths: list[int], width: int) -> torch.Tensor:
@@ -89,8 +93,8 @@ def test_shard_advantages_put_the_score_on_the_last_token_and_the_kl_everywhere(
     old, ref, values = torch.randn(3, 4) * mask, torch.randn(3, 4) * mask, torch.randn(3, 4)
     scores = torch.tensor([1.0, -2.0, 0.5])
     cfg = _cfg(f"kl_estimator={estimator}", "gamma=0.9", "lam=0.8")
-    out = shard_advantages(cfg, old_logp=old, ref_logp=ref, values=values, scores=scores,
-                           mask=mask, kl_coef=0.1)
+    out = shard_advantages(old_logp=old, ref_logp=ref, values=values, scores=scores,
+                           mask=mask, kl_coef=0.1, **_estimators(cfg))
     assert torch.equal(out["kl"], kl_penalty(old, ref, estimator) * mask)
     # by hand: r_t = -0.1 kl_t, plus the score on the last completion token only
     expected = -0.1 * out["kl"]
@@ -104,9 +108,9 @@ def test_shard_advantages_put_the_score_on_the_last_token_and_the_kl_everywhere(
 def test_reinforce_advantages_are_discounted_returns_to_go_without_a_baseline() -> None:
     mask = _ragged_mask([3], 3)
     cfg = _cfg("advantage_estimator=reinforce", "gamma=0.5", "kl_coef=0.0")
-    out = shard_advantages(cfg, old_logp=torch.zeros(1, 3), ref_logp=torch.zeros(1, 3),
+    out = shard_advantages(old_logp=torch.zeros(1, 3), ref_logp=torch.zeros(1, 3),
                            values=torch.full((1, 3), 9.0), scores=torch.tensor([4.0]),
-                           mask=mask, kl_coef=0.0)
+                           mask=mask, kl_coef=0.0, **_estimators(cfg))
     # the only reward is 4 at t=2: G_t = 0.5^(2-t) * 4, whatever the critic says
     assert out["advantages"].tolist() == [[1.0, 2.0, 4.0]]
     assert torch.equal(out["returns"], out["advantages"])
@@ -124,9 +128,10 @@ def test_whitening_two_shards_with_combined_moments_equals_whitening_one_batch()
     def whitened(split: list[int]) -> torch.Tensor:
         parts = []
         for rows in (list(range(sum(split[:i]), sum(split[:i + 1]))) for i in range(len(split))):
-            parts.append((shard_advantages(cfg, old_logp=old[rows], ref_logp=ref[rows],
+            parts.append((shard_advantages(old_logp=old[rows], ref_logp=ref[rows],
                                            values=values[rows], scores=scores[rows],
-                                           mask=mask[rows], kl_coef=0.05)["advantages"],
+                                           mask=mask[rows], kl_coef=0.05,
+                                           **_estimators(cfg))["advantages"],
                           mask[rows]))
         stats = combine_moments([shard_moments(a, m) for a, m in parts])
         return torch.cat([masked_whiten(a, m, stats=stats) for a, m in parts])
@@ -144,11 +149,13 @@ def test_whitening_two_shards_with_combined_moments_equals_whitening_one_batch()
 def test_reward_normalisation_uses_running_moments_and_clips() -> None:
     moments = RunningMoments()
     cfg = _cfg("reward_clip=1.0")
-    out = normalise_scores(torch.tensor([0.0, 10.0]), moments, cfg)
+    out = normalise_scores(torch.tensor([0.0, 10.0]), moments, normalize=cfg.normalize_reward,
+                           clip=cfg.reward_clip)
     assert moments.mean == 5.0 and moments.var == 25.0
     assert out.tolist() == [-1.0, 1.0]
+    plain = _cfg("normalize_reward=false")
     raw = normalise_scores(torch.tensor([0.0, 10.0]), RunningMoments(),
-                           _cfg("normalize_reward=false"))
+                           normalize=plain.normalize_reward, clip=plain.reward_clip)
     assert raw.tolist() == [0.0, 10.0]
 
 
@@ -278,7 +285,8 @@ def tiny_rm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_policy_dir: Path,
 def test_critic_starts_from_the_reward_model(tmp_path: Path, tiny_policy_dir: Path,
                                              tiny_rm_dir: Path) -> None:
     from training.models import load_reward_backbone
-    from training.ray_roles import CriticRole, collate_rollouts
+    from training.ppo_batch import collate_rollouts
+    from training.ppo_roles import CriticRole
 
     cfg = _role_cfg(tmp_path, model=str(tiny_policy_dir), reward_model=str(tiny_rm_dir))
     assert cfg.critic_source == str(tiny_rm_dir)
@@ -288,7 +296,7 @@ def test_critic_starts_from_the_reward_model(tmp_path: Path, tiny_policy_dir: Pa
     batch = collate_rollouts(PROMPTS, COMPLETIONS, critic.pad_id)
     with torch.no_grad():  # V at the last completion position is what the RM says there
         values = token_values(rm, batch)
-    from training.ray_roles import RolloutShard
+    from training.ppo_batch import RolloutShard
 
     shard = RolloutShard(["x"] * 3, [None] * 3, PROMPTS, COMPLETIONS, ["", "", ""], ["stop"] * 3,
                          [0, 1, 2])
@@ -300,7 +308,8 @@ def test_critic_starts_from_the_reward_model(tmp_path: Path, tiny_policy_dir: Pa
 
 def test_reward_model_scores_at_an_end_of_text_token(tmp_path: Path, tiny_policy_dir: Path,
                                                      tiny_rm_dir: Path, rl_tokenizer: Any) -> None:
-    from training.ray_roles import RewardRole, RolloutShard, last_token_scores
+    from training.ppo_batch import RolloutShard, last_token_scores
+    from training.ppo_roles import RewardRole
 
     eos = rl_tokenizer.eos_token_id
     chat = [{"role": "user", "content": "z"}]
@@ -368,7 +377,7 @@ def test_bad_colocation_is_refused() -> None:
 
 def test_bad_reward_spec_and_prompts_are_refused_before_ray(tmp_path: Path,
                                                            tiny_policy_dir: Path) -> None:
-    from training.online import OnlineDataError
+    from training.online_data import OnlineDataError
     from training.ppo import run_ppo
     from training.rewards import RewardSpecError
 
@@ -389,7 +398,8 @@ def test_bad_reward_spec_and_prompts_are_refused_before_ray(tmp_path: Path,
 
 def test_reward_role_takes_rule_and_composed_specs(tmp_path: Path, tiny_policy_dir: Path,
                                                    tiny_rm_dir: Path) -> None:
-    from training.ray_roles import RewardRole, RolloutShard
+    from training.ppo_batch import RolloutShard
+    from training.ppo_roles import RewardRole
     from training.rewards import make_reward
 
     texts = ["It is 4. <answer>4</answer>", "no tag here"]

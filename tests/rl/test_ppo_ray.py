@@ -112,7 +112,7 @@ def test_ppo_runs_the_requested_steps_and_writes_a_full_model(plain_run: dict[st
 
 def test_learning_rates_follow_warmup_then_cosine_and_actor_below_critic(
         plain_run: dict[str, Any]) -> None:
-    from training.ray_roles import lr_factor
+    from training.optim import lr_factor
 
     result = plain_run["result"]
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
@@ -250,7 +250,8 @@ def test_adaptive_kl_and_ptx_are_in_the_loop(colocated_run: dict[str, Any]) -> N
 
 
 def test_an_impossible_placement_on_a_local_ray_fails_at_once(local_ray: None) -> None:
-    from training.ray_roles import RoleError, RoleGroup
+    from training.ppo_batch import RoleError
+    from training.ray_roles import RoleGroup
 
     cfg = PPOConfig(prompts="p", model="m", out="o", reward="rule:format", actor_workers=2,
                     cpus_per_worker=1.0)  # 5 Ray actors x 1 CPU on a 2-CPU local Ray

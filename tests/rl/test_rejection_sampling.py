@@ -9,7 +9,9 @@ import pytest
 import torch
 from online_helpers import TINY_OVERRIDES, max_weight_change, read_jsonl, word_reward
 
-from training.online import Group, PromptRow, best_of_n, run_online
+from training.online import run_online
+from training.online_data import Group, PromptRow
+from training.rejection_sampling import best_of_n
 
 
 def _group(rewards: list[float]) -> Group:

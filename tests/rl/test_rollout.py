@@ -11,12 +11,11 @@ import torch
 
 from training.rollout import (
     HFRolloutEngine,
-    RayRolloutEngine,
     Rollout,
     SamplingParams,
-    make_engine,
     policy_weights_for_sync,
 )
+from training.rollout_ray import RayRolloutEngine, make_engine
 
 PROMPTS: list[Any] = [
     [{"role": "user", "content": "What is 2+2?"}],

@@ -12,7 +12,8 @@ import torch
 
 from tests.training.conftest import write_jsonl
 from training import data as data_mod
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import TrainConfig, load_config
+from training.config_reader import ConfigError
 from training.data import (
     GOOD_TAG,
     DataError,

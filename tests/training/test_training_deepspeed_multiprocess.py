@@ -84,7 +84,7 @@ def test_two_ranks_equal_one_process_and_resume_exactly(tiny_model_dir, tmp_path
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_shards_are_disjoint_cover_each_micro_batch_and_own_each_reference_once(world_size):
-    from training.trainer import Ranks, Schedule, reference_batches, reference_plan, shard
+    from training.data_parallel import Ranks, Schedule, reference_batches, reference_plan, shard
 
     schedule = Schedule(num_examples=11, batch_size=4, grad_accum_steps=2, seed=5, total_steps=5)
     everyone = [Ranks(rank, world_size) for rank in range(world_size)]

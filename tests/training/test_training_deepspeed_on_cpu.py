@@ -74,7 +74,8 @@ def test_multi_process_configs_that_cannot_work_fail_before_any_compute(
         overrides, message, monkeypatch, tmp_path):
     """A 2-rank launch whose micro-batch cannot be split evenly, or without DeepSpeed (which does
     the gradient all-reduce), fails with a clear error before the data is even read."""
-    from training.trainer import TrainingError, train_from_cli
+    from training.run_files import TrainingError
+    from training.trainer import train_from_cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainingError, match=message):

@@ -12,9 +12,10 @@ import torch
 
 from tests.training.conftest import write_jsonl
 from training import checkpoint as ckpt
-from training.config import ConfigError
+from training.config_reader import ConfigError
 from training.data import DataError
-from training.trainer import TrainingError, train_from_cli
+from training.run_files import TrainingError
+from training.trainer import train_from_cli
 
 TINY = Path(__file__).resolve().parents[2] / "training" / "configs" / "tiny.toml"
 
@@ -300,7 +301,7 @@ def test_attention_kernels_train_the_same_losses(preference_file, tiny_model_dir
 
 
 def test_auto_attention_is_eager_only_for_short_sequences_on_cpu():
-    from training.trainer import EAGER_ATTENTION_MAX_LENGTH, attention_implementation
+    from training.runtime import EAGER_ATTENTION_MAX_LENGTH, attention_implementation
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention_implementation("auto", cpu, EAGER_ATTENTION_MAX_LENGTH) == "eager"

@@ -1,0 +1,104 @@
+"""Building the model to train, for every trainer: load it, wrap it in LoRA, freeze a reference.
+
+`lora = "auto"` means LoRA on CPU and full fine-tuning on GPU in every config (TrainConfig,
+OnlineConfig, PPOConfig); the LoRA target modules are checked against the model so a typo is a
+clear error instead of an adapter that trains nothing.
+
+    python -c "import torch; from training.policy import uses_lora; \
+print(uses_lora('auto', torch.device('cpu')))"
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from training.config_reader import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+TaskType = Literal["CAUSAL_LM", "SEQ_CLS"]
+
+
+class LoraFields(Protocol):
+    """The LoRA fields every training config has."""
+
+    @property
+    def lora(self) -> str: ...
+    @property
+    def lora_r(self) -> int: ...
+    @property
+    def lora_alpha(self) -> int: ...
+    @property
+    def lora_dropout(self) -> float: ...
+    @property
+    def lora_target_modules(self) -> tuple[str, ...]: ...
+
+
+def uses_lora(choice: str, device: torch.device) -> bool:
+    """`lora = "on" | "off" | "auto"`; auto = LoRA on CPU, full fine-tuning on GPU."""
+    return choice == "on" or (choice == "auto" and device.type == "cpu")
+
+
+def check_lora_targets(model: Any, targets: tuple[str, ...],
+                       error: type[Exception] = ConfigError) -> None:
+    """Raise `error` if a LoRA target module name does not occur in the model."""
+    import torch
+
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise error(f"LoRA target module(s) {missing} not found in the model; "
+                    f"its linear layers are named {linear}")
+
+
+def with_lora(model: Any, config: LoraFields, task_type: TaskType,
+              error: type[Exception] = ConfigError) -> Any:
+    """The model wrapped in a PEFT LoRA adapter as the config describes (SEQ_CLS keeps a scalar
+    model's new `score` head fully trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    check_lora_targets(model, config.lora_target_modules, error)
+    return get_peft_model(model, LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules), task_type=task_type))
+
+
+def load_causal_lm(name_or_path: str, attention: str) -> Any:
+    """A causal LM in fp32 (the master weights; bf16 runs under autocast) with the given
+    attention kernel (training.runtime.attention_implementation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.models import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=torch.float32,
+                                                attn_implementation=attention)
+
+
+def is_peft(model: Any) -> bool:
+    """A PEFT model: its adapter can be switched off, which gives back the base model."""
+    return hasattr(model, "disable_adapter")
+
+
+def freeze(model: Any) -> Any:
+    """The model with no parameter requiring a gradient (a reference policy)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable weights (the LoRA adapter, or every weight), for checkpoints."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+__all__ = ["LoraFields", "TaskType", "check_lora_targets", "freeze", "is_peft",
+           "load_causal_lm", "trainable_parameters", "trainable_state", "uses_lora",
+           "with_lora"]
