@@ -22,7 +22,7 @@ ROUND_COLUMNS = ["round", "algo", "trigger", "outcome", "labels rule", "labels a
 
 def rounds_history(db: Database) -> pd.DataFrame:
     """One row per round (oldest first) with its metrics."""
-    from feedback.rounds import summaries
+    from store.rounds import summaries
 
     rows = []
     for s in summaries(db, limit=200):

@@ -1,4 +1,4 @@
-"""End-to-end round wall time split by stage, on the demo config (feedback/configs/demo.toml).
+"""End-to-end round wall time split by stage, on the demo config (loop/configs/demo.toml).
 
 Runs N rounds of `prefloop demo` on a fresh SQLite store (or reads rounds already in a store with
 --from-db) and prints, per round and in total, the wall time of each stage (collect, generate,
@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from feedback.rounds import RoundSummary
-from store.rounds import STAGES
+from store.rounds import STAGES, RoundSummary
 
 
 def parts(metrics: dict) -> dict[str, float]:
@@ -68,8 +67,8 @@ def main() -> None:
     if args.from_db:
         db = Database.from_url(args.from_db)
     else:
-        from feedback.demo import run_demo
-        from feedback.rounds import CONFIG_DIR, load_round_config
+        from loop.config import CONFIG_DIR, load_round_config
+        from loop.demo import run_demo
 
         tmp = Path(tempfile.mkdtemp(prefix="round-stages-"))
         db = Database.from_url(f"sqlite:///{tmp / 'store.db'}")

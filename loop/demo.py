@@ -27,14 +27,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from feedback.rounds import (
-    DEPLOYED_MODEL,
-    JudgeEndpoint,
-    RoundConfig,
-    RoundRunner,
-    RoundSummary,
-)
+from loop.config import RoundConfig
+from loop.runner import RoundRunner
+from loop.stages.judging import DEPLOYED_MODEL, JudgeEndpoint
+from store import rounds as store_rounds
 from store.db import Database
+from store.rounds import RoundSummary
 
 OPERATOR = "demo-operator"
 
@@ -65,7 +63,7 @@ def start_app(db: Database, settings: Any, *, timeout_s: float = 60.0) -> InProc
     from app.main import create_app
 
     settings = settings.model_copy(update={"serving": "hf"})
-    app = create_app(settings, db=db, with_ui=False)
+    app = create_app(settings, db=db)  # no labeling UI: the demo only needs /v1
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False, lifespan="on"))
@@ -129,11 +127,11 @@ def wait_until_served(base_url: str, api_key: str, name: Callable[[], str], *,
 
 def _deployed_name(db: Database, config: RoundConfig) -> str:
     """Deploy the base model on a fresh store (as a round's collect would); the deployed name."""
-    from feedback.rounds import ensure_deployed
     from training.models import resolve_model
 
     base_dir = resolve_model(config.base_model)
-    return db.run_write(lambda s: ensure_deployed(s, config, base_dir, actor="demo").name)
+    return db.run_write(lambda s: store_rounds.ensure_deployed(
+        s, base_model=config.base_model, weights_uri=base_dir, actor="demo").name)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -233,8 +231,6 @@ def run_demo(db: Database, config: RoundConfig, *, rounds: int, runs_dir: Path,
              settings: Any = None, ai_judge: bool = True,
              log: Callable[[str], None] = print) -> DemoResult:
     """Run `rounds` rounds (an unfinished one is finished first) and print a row after each."""
-    from store import rounds as store_rounds
-
     started = time.perf_counter()
     server = None
     endpoint = None

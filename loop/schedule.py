@@ -12,6 +12,8 @@ unfinished round if there is one, else start a round if the interval/cron time c
 count passed the threshold. The round lock (store/rounds.py) is what keeps it to one round: a
 tick that cannot take it (another process's round runs) just waits for the next tick. Cron
 expressions are read with croniter (pallets-eco/croniter).
+
+    prefloop up --rounds-cron "0 */6 * * *" --rounds-after-labels 200
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from typing import Any
 from store import rounds as store_rounds
 from store.db import Database
 from store.models import utcnow
+from training.config_reader import ConfigError, build
 
 log = logging.getLogger("prefloop.schedule")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ConfigError):
     """A schedule that cannot work (bad cron expression, nothing to trigger on)."""
 
 
@@ -74,6 +77,12 @@ class ScheduleConfig:
         if self.min_new_labels is not None:
             parts.append(f"after {self.min_new_labels} new labels")
         return " or ".join(parts)
+
+
+def schedule_from_dict(data: dict[str, Any]) -> ScheduleConfig:
+    """A type-checked ScheduleConfig from plain values (the `prefloop up` flags)."""
+    config: ScheduleConfig = build(ScheduleConfig, data, ScheduleError, what="schedule")
+    return config
 
 
 def next_time(config: ScheduleConfig, last_run_at: datetime | None, now: datetime
@@ -231,8 +240,8 @@ class RoundScheduler:
 def make_round_scheduler(db: Database, config: ScheduleConfig, *, round_config: Any,
                          runs_dir: str, judge_endpoint: Any = None) -> RoundScheduler:
     """The scheduler `prefloop up` starts: each due tick runs one round of `round_config`
-    (a feedback.rounds.RoundConfig) with a fresh RoundRunner; unfinished rounds are resumed."""
-    from feedback.rounds import RoundRunner
+    (a loop.config.RoundConfig) with a fresh RoundRunner; unfinished rounds are resumed."""
+    from loop.runner import RoundRunner
 
     def runner() -> RoundRunner:
         return RoundRunner(db, runs_dir=runs_dir, judge_endpoint=judge_endpoint,

@@ -8,6 +8,12 @@ completions becomes its C(K,2) ordered pairs, each weighted 1/C(K,2) as in the I
 model recipe (Ouyang et al. 2022, Sec. 3.5: each prompt's comparisons are one batch element, so
 heavily-ranked prompts do not dominate); ties and both-bad give no pair. Rows come out in a fixed
 order, so the same store content always gives the same bytes and the same sha256.
+
+`prefloop export` (`export_jsonl`) and a round's dataset stage (loop/stages/dataset.py) write
+through the same three steps: `render_export` (rows to bytes), `write_export` (the file and its
+manifest, by rename) and `record_snapshot` (the `export_snapshot` row); the export records the
+row first and names it in the manifest, the round writes the files first and the row with its
+stage's advance.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from store.models import (
     Annotator,
     AnnotatorKind,
     Completion,
+    ExportSnapshot,
     Label,
     LabelStatus,
     Prompt,
@@ -367,6 +374,20 @@ class ExportResult:
     snapshot_id: int
 
 
+@dataclass(frozen=True)
+class RenderedExport:
+    """An export as bytes, with what its manifest and its snapshot row record."""
+
+    format: str
+    payload: bytes
+    sha256: str
+    rows: int
+    counts: dict[str, int]
+    filters: dict[str, Any]
+    judge_agreements: dict[str, float | None]
+    round_id: int | None
+
+
 def manifest_path_for(path: Path) -> Path:
     return path.with_name(path.name + ".manifest.json")
 
@@ -386,38 +407,68 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def export_jsonl(
-    db: Database, *, format: ExportFormat, out: Path, filters: ExportFilters | None = None
-) -> ExportResult:
-    """Write the export and its manifest, and record the snapshot in the store."""
-    from store import __version__
-
-    filters = filters or ExportFilters()
+def render_export(db: Database, format: ExportFormat, filters: ExportFilters) -> RenderedExport:
+    """The export's rows read in one consistent view and rendered as JSONL bytes (sorted keys,
+    so the same store content always gives the same bytes and sha256)."""
     with db.read() as session:
         if not db.is_sqlite:
             # One consistent view across the several queries, as SQLite's read transaction is.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         built = build_rows(session, format, filters)
-    rows, counts = built.rows, built.counts
     payload = "".join(
-        json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows
+        json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in built.rows
     ).encode("utf-8")
-    digest = sha256_hex(payload)
-    filters_dict = {**asdict(filters), "sources": list(filters.sources)}
-    counts_dict = dict(sorted(counts.items()))
-    with db.write() as session:
-        snapshot = repo.record_export(
-            session=session, sha256=digest, format=format, path=str(out.resolve()),
-            filters=filters_dict, counts=counts_dict, rows=len(rows),
-        )
-        snapshot_id = snapshot.id or 0
-    _write_atomically(out, payload)
+    return RenderedExport(
+        format=format, payload=payload, sha256=sha256_hex(payload), rows=len(built.rows),
+        counts=dict(sorted(built.counts.items())),
+        filters={**asdict(filters), "sources": list(filters.sources)},
+        judge_agreements=built.judge_agreements, round_id=filters.round_id)
+
+
+def record_snapshot(session: Session, export: RenderedExport, out: Path) -> ExportSnapshot:
+    """The export's `export_snapshot` row (in the caller's transaction)."""
+    return repo.record_export(session=session, sha256=export.sha256, format=export.format,
+                              path=str(out.resolve()), filters=export.filters,
+                              counts=export.counts, rows=export.rows)
+
+
+def write_export(export: RenderedExport, out: Path, *, database: str,
+                 snapshot_id: int | None) -> Path:
+    """Write the export file, then its manifest (the one manifest format), each by rename;
+    returns the manifest's path. `snapshot_id` is None when the snapshot row is written after
+    the files (a round records it with the stage's advance)."""
+    from store import __version__
+
+    _write_atomically(out, export.payload)
     manifest = {
-        "sha256": digest, "format": format, "filters": filters_dict, "counts": counts_dict,
-        "rows": len(rows), "created_at": datetime.now(UTC).isoformat(),
-        "prefloop_version": __version__, "snapshot_id": snapshot_id, "database": db.url,
-        "judge_agreements": built.judge_agreements,
+        "sha256": export.sha256, "format": export.format, "filters": export.filters,
+        "counts": export.counts, "rows": export.rows, "round_id": export.round_id,
+        "created_at": datetime.now(UTC).isoformat(), "prefloop_version": __version__,
+        "snapshot_id": snapshot_id, "database": database,
+        "judge_agreements": export.judge_agreements,
     }
     manifest_path = manifest_path_for(out)
     _write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return ExportResult(out, manifest_path, digest, len(rows), counts_dict, snapshot_id)
+    return manifest_path
+
+
+def export_prompts(out: Path, prompts: Sequence[Prompt]) -> str:
+    """Prompts as the online trainers read them ({"prompt", "answer", "id"} per line), written
+    by rename; returns the file's sha256."""
+    payload = "".join(
+        json.dumps({"prompt": p.content, "answer": p.reference or "", "id": str(p.id)},
+                   ensure_ascii=False) + "\n" for p in prompts).encode()
+    _write_atomically(out, payload)
+    return sha256_hex(payload)
+
+
+def export_jsonl(
+    db: Database, *, format: ExportFormat, out: Path, filters: ExportFilters | None = None
+) -> ExportResult:
+    """Write the export and its manifest, and record the snapshot in the store."""
+    export = render_export(db, format, filters or ExportFilters())
+    with db.write() as session:
+        snapshot_id = record_snapshot(session, export, out).id or 0
+    manifest_path = write_export(export, out, database=db.url, snapshot_id=snapshot_id)
+    return ExportResult(out, manifest_path, export.sha256, export.rows, export.counts,
+                        snapshot_id)

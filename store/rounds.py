@@ -1,4 +1,4 @@
-"""The write path of training rounds: create a round, advance its state, hold the round lock.
+"""Training rounds in the store: their write path, the round lock, and their read model.
 
 A round's `state` only moves forward through `advance`, a compare-and-set: it locks the row,
 checks that the state is still the one the caller read, merges the stage's outputs into
@@ -15,6 +15,9 @@ written. Like store/repo.py, every function takes the session and never commits.
 The round lock (`round_lock` table) is a lease: `acquire_lock` takes it when free or expired,
 `renew_lock` extends it while the round runs, `release_lock` frees it. A holder that died stops
 renewing, so another process can take over after the lease runs out.
+
+The read model (`RoundSummary`, `summaries`, `round_task_counts`) and the queries the round's
+stages read with live here too, so the loop (loop/) and the admin view (app/admin.py) share them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,8 +34,22 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from store.db import Database
 from store.errors import Conflict, InvalidInput, NotFound
-from store.models import Label, Round, RoundLock, RoundSchedule, utcnow
+from store.models import (
+    Annotator,
+    AnnotatorKind,
+    Label,
+    LabelStatus,
+    PolicyVersion,
+    Prompt,
+    Round,
+    RoundLock,
+    RoundSchedule,
+    Task,
+    TaskItem,
+    utcnow,
+)
 
 # Stages in order; `state` is the next one to run, then one of the outcomes.
 STAGES: tuple[str, ...] = ("collect", "generate", "label", "build_dataset", "train",
@@ -101,6 +120,19 @@ def create_round(session: Session, *, algo: str, config: dict[str, Any], trigger
     session.add(rnd)
     session.flush()
     return rnd
+
+
+def set_run_dir(session: Session, *, round_id: int, run_dir: str) -> Round:
+    """Record where the round writes its artefacts (named after its id, so set after insert)."""
+    rnd = _lock_round(session, round_id)
+    rnd.run_dir = run_dir
+    session.add(rnd)
+    session.flush()
+    return rnd
+
+
+def get_round(session: Session, round_id: int) -> Round | None:
+    return session.get(Round, round_id)
 
 
 def advance(session: Session, *, round_id: int, expected: str, to: str,
@@ -319,3 +351,138 @@ def get_schedule(session: Session, name: str) -> RoundSchedule | None:
 
 def list_schedules(session: Session) -> list[RoundSchedule]:
     return list(session.exec(select(RoundSchedule).order_by(col(RoundSchedule.name))).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# What the round's stages read, and the deployed policy a round starts from
+
+
+def round_task_ids(session: Session, round_id: int, source: str) -> list[int]:
+    """The ids of the round's tasks of `source` ("round:<id>" train, "round:<id>:eval")."""
+    return list(session.exec(select(Task.id).where(Task.round_id == round_id,
+                                                   Task.source == source)
+                             .order_by(col(Task.id))).all())  # type: ignore[arg-type]
+
+
+def labels_by_source(session: Session, task_ids: Sequence[int]) -> dict[str, int]:
+    """Label counts on these tasks by annotator kind; invalid judge outputs counted apart."""
+    counts: Counter[str] = Counter()
+    for start in range(0, len(task_ids), 500):
+        rows = session.exec(
+            select(Annotator.kind, Label.status)
+            .join(Annotator, col(Annotator.id) == col(Label.annotator_id))
+            .where(col(Label.task_id).in_(list(task_ids[start:start + 500])))
+        ).all()
+        for kind, status in rows:
+            key = AnnotatorKind(kind).value
+            counts[key if status == LabelStatus.submitted else f"{key}_invalid"] += 1
+    return {k: counts.get(k, 0) for k in ("rule", "ai", "human", "ai_invalid")} | {
+        k: v for k, v in counts.items() if k not in ("rule", "ai", "human", "ai_invalid")}
+
+
+def labels_with_judges(session: Session, task_ids: Sequence[int]
+                       ) -> list[tuple[Label, str]]:
+    """Every label on these tasks with its annotator's name (the eval verdicts)."""
+    out: list[tuple[Label, str]] = []
+    for start in range(0, len(task_ids), 500):
+        out.extend(session.exec(
+            select(Label, Annotator.name)
+            .join(Annotator, col(Annotator.id) == col(Label.annotator_id))
+            .where(col(Label.task_id).in_(list(task_ids[start:start + 500])))
+        ).all())
+    return out
+
+
+def annotator_label_count(session: Session, annotator_id: int, task_ids: Sequence[int]) -> int:
+    """Labels (any status) this annotator wrote on these tasks."""
+    if not task_ids:
+        return 0
+    return len(session.exec(select(Label.id).where(
+        Label.annotator_id == annotator_id, col(Label.task_id).in_(list(task_ids)))).all())
+
+
+def prompts_by_ids(session: Session, ids: Sequence[int]) -> list[Prompt]:
+    """The prompts with these ids, in the order of `ids`."""
+    rows = {p.id: p for p in session.exec(select(Prompt).where(col(Prompt.id).in_(list(ids))))}
+    return [rows[i] for i in ids]
+
+
+def split_prompts(session: Session, dataset: str, split: str) -> list[Prompt]:
+    """The stored prompts of one dataset split, oldest first."""
+    return list(session.exec(select(Prompt).where(
+        Prompt.dataset == dataset, Prompt.split == split).order_by(col(Prompt.id))).all())
+
+
+def ensure_deployed(session: Session, *, base_model: str, weights_uri: str, actor: str
+                    ) -> PolicyVersion:
+    """The deployed policy; on a store with none, `base_model` (its weights at `weights_uri`)
+    registered under its own name and deployed."""
+    from store import deployments
+
+    policy = deployments.deployed(session)
+    if policy is not None:
+        return policy
+    policy = session.exec(select(PolicyVersion).where(
+        PolicyVersion.name == base_model)).first()
+    if policy is None:
+        policy = deployments.register_policy(session, name=base_model, base_model=base_model,
+                                             weights_uri=weights_uri)
+    return deployments.promote(session, policy_id=policy.id or 0, actor=actor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries (the CLI table, the demo, the admin view)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round as the tables and plots show it (read from its stored metrics)."""
+
+    id: int
+    algo: str
+    state: str
+    trigger: str | None
+    labels: dict[str, int]
+    win_rate: float | None
+    reward_candidate: float | None
+    reward_deployed: float | None
+    kl: float | None
+    train_rows: int | None
+    wall_s: float
+    timings: dict[str, float]
+    error: str | None
+    created_at: Any
+
+    @classmethod
+    def of(cls, rnd: Round) -> RoundSummary:
+        m = rnd.metrics or {}
+        ev = m.get("evaluate", {})
+        reward = ev.get("reward", {})
+        timings = {k: float(v) for k, v in m.get("timings", {}).items()}
+        return cls(id=rnd.id or 0, algo=rnd.algo, state=rnd.state, trigger=rnd.trigger,
+                   labels=m.get("label", {}).get("labels", {}), win_rate=ev.get("win_rate"),
+                   reward_candidate=reward.get("candidate"),
+                   reward_deployed=reward.get("deployed"), kl=ev.get("kl"),
+                   train_rows=m.get("build_dataset", {}).get("rows"),
+                   wall_s=sum(timings.values()), timings=timings, error=rnd.error,
+                   created_at=rnd.created_at)
+
+
+def summaries(db: Database, limit: int = 100) -> list[RoundSummary]:
+    """The last `limit` rounds, oldest first."""
+    with db.read() as session:
+        return [RoundSummary.of(r) for r in list_rounds(session, limit=limit)]
+
+
+def round_task_counts(db: Database, round_id: int) -> dict[str, int]:
+    """Rows a round owns (tests and `round status`): tasks, items, labels of train and eval."""
+    with db.read() as session:
+        out = {}
+        for name, source in (("train", f"round:{round_id}"), ("eval", f"round:{round_id}:eval")):
+            ids = round_task_ids(session, round_id, source)
+            out[f"{name}_tasks"] = len(ids)
+            out[f"{name}_labels"] = session.exec(select(Label.id).where(
+                col(Label.task_id).in_(ids))).all().__len__() if ids else 0
+            out[f"{name}_items"] = len(session.exec(select(TaskItem.id).where(
+                col(TaskItem.task_id).in_(ids))).all()) if ids else 0
+        return out

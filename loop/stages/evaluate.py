@@ -1,95 +1,35 @@
-"""The compute of a round's stages: sampling, training, evaluation. No database in here.
+"""Stage 6, evaluate: candidate vs deployed on the held-out prompts. Both answer every prompt
+(a Ray task: `evaluate_policies`), rule judges score both, the candidate's KL to the reference is
+measured along its answers, and pairwise eval tasks (candidate vs deployed, canonical order
+alternating) are labelled by the round's judges; the gate judge's win rate is what decide uses.
 
-Each function takes paths and plain data and returns plain data, so it can run in this process or
-as a Ray task on another machine (`run_compute`); the round driver (feedback/rounds.py) does every
-database write itself, in the transaction that advances the round. The math (per-token KL) is a
-pure function on tensors.
+The eval completions and tasks are one transaction of get-or-create rows; the judges are
+idempotent (one label per task and judge). The KL math (`token_kl`) is a pure function on
+tensors.
 
-    python -c "from feedback.stages import sample_completions as s; print(s('smollm2-135m-instruct',
-        ['What is 2+3?'], {'n': 2, 'max_new_tokens': 32, 'seed': 0}))"
+    python -m pytest -q tests/loop/stages/test_evaluate_kl.py
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import Session
+
+from loop.config import RoundConfig
+from loop.decision import win_rates
+from loop.stages.common import StageContext, StageResult, set_threads
+from loop.stages.generate import sampling_params
+from loop.stages.judging import judge_configs, run_judges
+from store import repo
+from store.models import Round, TaskKind
 
 if TYPE_CHECKING:
     import torch
-
-T = TypeVar("T")
-TRAIN_DONE = "round_train.json"  # written once a round's training finished; its presence = done
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray
-
-
-def run_compute(fn: Callable[..., T], *args: Any, use_ray: bool, ray_address: str | None = None,
-                num_cpus: int = 2, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` here, or as one Ray task (local Ray unless `ray_address`).
-
-    Ray's default is at-most-once (`max_retries=0` here too): every function run this way is
-    idempotent on its outputs (fixed seeds, run folders that resume), so the driver may simply
-    call it again after a failure.
-    """
-    if not use_ray:
-        return fn(*args, **kwargs)
-    import ray
-
-    from training.raycluster import ensure_ray
-
-    if not ray_address:
-        # Ray starts local workers at niceness 15: on a busy machine a stage's task then gets a
-        # fraction of a core behind everything else. The local raylet reads this at start.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-    ensure_ray(ray_address, num_cpus=None if ray_address else max(num_cpus, os.cpu_count() or 1))
-    remote = ray.remote(num_cpus=num_cpus, max_retries=0)(fn)
-    result: T = ray.get(remote.remote(*args, **kwargs))
-    return result
-
-
-def _set_threads() -> None:
-    # Ray sets OMP_NUM_THREADS to the task's num_cpus; torch must follow it explicitly.
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
-def _sampling_params(params: dict[str, Any], **forced: Any) -> Any:
-    """training.rollout.SamplingParams from a stage's JSON params (the `stop` list becomes a
-    tuple); `forced` values override the params."""
-    from training.rollout import SamplingParams
-
-    values = {k: (tuple(v) if k == "stop" else v) for k, v in params.items()}
-    return SamplingParams(**{**values, **forced})
-
-
-def sample_completions(model_dir: str, prompts: Sequence[Any], params: dict[str, Any], *,
-                       dtype: str = "float32", batch_size: int = 16
-                       ) -> list[list[dict[str, Any]]]:
-    """K samples per prompt from the policy in `model_dir` (A's HFRolloutEngine).
-
-    Returns, per prompt, a list of {"text", "finish_reason", "completion_tokens"}.
-    """
-    _set_threads()
-    from training.rollout import HFRolloutEngine
-
-    engine = HFRolloutEngine(model_dir, dtype=dtype, batch_size=batch_size)
-    sampling = _sampling_params(params)
-    rollouts = engine.generate(list(prompts), sampling)
-    return [[{"text": r.text, "finish_reason": r.finish_reason,
-              "completion_tokens": len(r.completion_ids)} for r in group] for group in rollouts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,14 +104,14 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
     Returns {"candidate": [text...], "deployed": [text...], "kl": [nats per prompt],
     "candidate_tokens": [...], "timings": {...}}.
     """
-    _set_threads()
+    set_threads()
     import torch
 
     from training.models import load_policy
     from training.rollout import HFRolloutEngine
 
     timings: dict[str, float] = {}
-    sampling = _sampling_params({"temperature": 0.0, **params}, n=1)  # greedy by default
+    sampling = sampling_params({"temperature": 0.0, **params}, n=1)  # greedy by default
     started = time.perf_counter()
     engine = HFRolloutEngine(candidate_dir, dtype=dtype, batch_size=batch_size)
     candidate = [group[0] for group in engine.generate(list(prompts), sampling)]
@@ -195,85 +135,99 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# The stage
 
 
-def _merge_if_adapter(model_dir: Path, out_dir: Path) -> Path:
-    """A full Hugging Face folder for the trained policy (LoRA runs are merged, contract)."""
-    if not (model_dir / "adapter_config.json").exists():
-        return model_dir
-    if (out_dir / "config.json").exists() and (out_dir / ".merged").exists():
-        return out_dir
-    from training.models import merge_adapter
+def run(ctx: StageContext, rnd: Round, config: RoundConfig) -> StageResult:
+    """Candidate vs deployed on the held-out prompts: judges' win rates (both orders for
+    LLM judges), rule rewards, KL to the reference."""
+    from feedback.config import RuleJudgeConfig
+    from feedback.rules import score_response
 
-    merged = Path(merge_adapter(str(model_dir), str(out_dir)))
-    (merged / ".merged").write_text("ok\n")
-    return merged
+    assert rnd.id is not None
+    metrics = rnd.metrics or {}
+    collect, train = metrics["collect"], metrics["train"]
+    if "candidate_id" not in train:
+        return StageResult({"skipped": train.get("skipped", "no candidate")})
+    ev = config.evaluate
+    prompts = ctx.prompts(collect["heldout_prompt_ids"])
+    reference_dir = collect["base_dir"] if ev.kl_reference == "base" else \
+        collect["policy_dir"]
+    params = {"max_new_tokens": ev.max_new_tokens, "seed": config.seed,
+              "temperature": ev.temperature, "stop": list(config.generate.stop),
+              "include_stop": True}
+    result = ctx.compute(config, evaluate_policies, train["model_dir"],
+                         collect["policy_dir"], reference_dir,
+                         [p.content for p in prompts], params,
+                         dtype=config.generate.dtype, batch_size=config.generate.batch_size)
+    judges = judge_configs(ctx, ev.judges or config.label.judges)
+    rule = next((j for j in judges if isinstance(j, RuleJudgeConfig)), None)
+    reward: dict[str, Any] = {}
+    if rule is not None:
+        for who in ("candidate", "deployed"):
+            scores = [score_response(rule.checks, text, p.reference)
+                      for text, p in zip(result[who], prompts, strict=True)]
+            reward[who] = sum(s.score or 0.0 for s in scores) / len(scores)
+            for i, check in enumerate(rule.checks):
+                applied = [v for s in scores if (v := s.per_check[i]) is not None]
+                reward[f"{who}/{check.type}_{i}"] = (sum(applied) / len(applied)
+                                                     if applied else None)
+    source = f"round:{rnd.id}:eval"
+    round_id = rnd.id
+    candidate_id, deployed_id = train["candidate_id"], collect["policy_id"]
 
+    # An empty answer cannot be stored or judged: it loses to any answer, ties with another
+    # empty one (counted here, outside the judges, and added to every judge's tally).
+    empty: Counter[str] = Counter()
+    for cand, dep in zip(result["candidate"], result["deployed"], strict=True):
+        if not cand.strip() or not dep.strip():
+            empty["both" if not cand.strip() and not dep.strip() else
+                  "candidate_only" if not cand.strip() else "deployed_only"] += 1
 
-def train_policy(algo: str, *, data: str, prompts: str, model: str, run_dir: str,
-                 config_path: str | None, overrides: Sequence[str],
-                 reward_model: str | None = None, online_ray_address: str | None = None
-                 ) -> dict[str, Any]:
-    """Train the round's candidate from `model`; returns {"model_dir", "steps", "metrics",
-    "trained"}. Idempotent: a finished run (marker file) is returned as is, an interrupted
-    dpo/kto run resumes from its last complete checkpoint, so no step is trained twice."""
-    out = Path(run_dir)
-    marker = out / TRAIN_DONE
-    if marker.exists():
-        return {**json.loads(marker.read_text()), "trained": False}
-    _set_threads()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if algo in ("dpo", "kto"):
-        from training import checkpoint as ckpt
-        from training.trainer import train_from_cli
+    def write(session: Session) -> dict[int, bool]:
+        order: dict[int, bool] = {}
+        for index, (prompt, cand, dep) in enumerate(zip(prompts, result["candidate"],
+                                                        result["deployed"], strict=True)):
+            if not cand.strip() or not dep.strip():
+                continue
+            c = repo.get_or_create_completion(
+                session=session, prompt_id=prompt.id or 0, content=cand,
+                origin=f"policy:{candidate_id}", policy_version_id=candidate_id,
+                generation={"round_id": round_id, "eval": True, "temperature": 0.0})
+            d = repo.get_or_create_completion(
+                session=session, prompt_id=prompt.id or 0, content=dep,
+                origin=f"policy:{deployed_id}", policy_version_id=deployed_id,
+                generation={"round_id": round_id, "eval": True, "temperature": 0.0})
+            # Alternate which policy is canonical position a (LLM judges also swap).
+            first = index % 2 == 0
+            ids = [c.id or 0, d.id or 0] if first else [d.id or 0, c.id or 0]
+            task, _ = repo.get_or_create_task(session=session, kind=TaskKind.pairwise,
+                                              prompt_id=prompt.id or 0, completion_ids=ids,
+                                              round_id=round_id, source=source)
+            stored = repo.task_completion_ids(session=session, task_id=task.id or 0)
+            order[task.id or 0] = stored[0] == c.id
+        return order
 
-        train_dir = out / "train"
-        resume = train_dir.exists() and ckpt.latest_checkpoint(train_dir) is not None
-        result = train_from_cli(algo, data=data, model=model, out=str(train_dir),
-                                config_path=Path(config_path) if config_path else None,
-                                overrides=list(overrides), resume=resume)
-        model_dir = _merge_if_adapter(result.model_dir, out / "policy")
-        summary = {"model_dir": str(model_dir), "steps": result.steps,
-                   "metrics": result.final_metrics, "resumed": resume,
-                   "data_sha256": result.data_sha256}
-    elif algo == "ppo":
-        from training.ppo import run_ppo
-
-        online = run_ppo(prompts=prompts, model=model, reward_model=reward_model,
-                         out=str(out / "train"), config_path=config_path,
-                         overrides=list(overrides), ray_address=online_ray_address)
-        summary = {"model_dir": str(online.model_dir), "steps": online.steps,
-                   "metrics": online.metrics}
-    else:
-        from training.online import run_online
-
-        online_algo: Any = algo  # grpo | rs
-        online = run_online(online_algo,
-                            prompts=prompts, model=model, out=str(out / "train"),
-                            config_path=config_path, overrides=list(overrides),
-                            ray_address=online_ray_address)
-        summary = {"model_dir": str(online.model_dir), "steps": online.steps,
-                   "metrics": online.metrics}
-    summary["train_s"] = time.perf_counter() - started
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, default=float) + "\n")
-    os.replace(tmp, marker)  # published by rename: present means complete
-    return {**summary, "trained": True}
-
-
-def train_reward_model(*, data: str, model: str, run_dir: str, overrides: Sequence[str]) -> str:
-    """A reward model on the round's preference export (for PPO), resumable like train_policy."""
-    _set_threads()
-    from training import checkpoint as ckpt
-    from training.trainer import train_from_cli
-
-    out = Path(run_dir)
-    if (out / "model" / "config.json").exists() or (out / "model" / "adapter_config.json"
-                                                    ).exists():
-        return str(out / "model")
-    resume = out.exists() and ckpt.latest_checkpoint(out) is not None
-    result = train_from_cli("rm", data=data, model=model, out=str(out), overrides=list(overrides),
-                            resume=resume)
-    return str(result.model_dir)
+    # The eval tasks are committed before the judges run: the judges read them from the store.
+    candidate_first = ctx.db.run_write(write)
+    judge_stats = run_judges(ctx, judges, rnd.id, source, ev.ai_task_limit)
+    with ctx.db.read() as session:
+        rates = win_rates(session, list(candidate_first), candidate_first, empty=empty,
+                          judges=[j.annotator_name for j in judges])
+    gate = ev.gate_judge or judges[0].annotator_name
+    gate_stats = rates.get(gate, {})
+    gate_rate = gate_stats.get("win_rate" if ev.ties == "half" else "decisive_win_rate")
+    kls = result["kl"]
+    outputs = {"win_rate": gate_rate, "gate_judge": gate, "ties": ev.ties,
+               "decisive": gate_stats.get("wins", 0) + gate_stats.get("losses", 0),
+               "win_rates": rates,
+               "reward": reward, "kl": sum(kls) / len(kls) if kls else 0.0,
+               "kl_reference": ev.kl_reference, "n_prompts": len(prompts),
+               "n_tasks": len(candidate_first), "judges": judge_stats,
+               "empty_answers": dict(empty),
+               "mean_tokens": sum(result["candidate_tokens"]) / max(len(prompts), 1),
+               "timings": result["timings"],
+               "samples": [{"prompt_id": p.id, "candidate": c[:300], "deployed": d[:300]}
+                           for p, c, d in list(zip(prompts, result["candidate"],
+                                                   result["deployed"], strict=True))[:3]]}
+    return StageResult(outputs)

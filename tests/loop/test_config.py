@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from feedback.rounds import GenerateConfig, RoundConfigError, load_round_config
+from loop.config import GenerateConfig, RoundConfigError, load_round_config
 
 
 def test_the_demo_config_gates_on_decisive_sampled_verdicts():
-    config = load_round_config("feedback/configs/demo.toml")
+    config = load_round_config("loop/configs/demo.toml")
     assert config.generate.stop == ("</answer>",)
     assert config.evaluate.temperature == 1.0
     assert (config.evaluate.ties, config.evaluate.min_decisive) == ("drop", 6)
@@ -23,7 +23,7 @@ def test_an_empty_stop_string_is_refused():
 
 def test_stop_strings_reach_the_sampler_and_stay_in_the_text(tmp_path):
     pytest.importorskip("torch")
-    from feedback.stages import sample_completions
+    from loop.stages.generate import sample_completions
     from training.models import convert_bundled_tokenizer, load_tokenizer, save_tiny_model
 
     tokenizer = load_tokenizer(str(convert_bundled_tokenizer("smollm2-135m-instruct")))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from feedback.rounds import EvaluateConfig, RoundConfigError, promotion_decision, win_rates
+from loop.config import EvaluateConfig, RoundConfigError
+from loop.decision import promotion_decision, win_rates
 from store import repo
 from store.models import AnnotatorKind, LabelStatus, TaskKind
 

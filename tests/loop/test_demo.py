@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from feedback.demo import deployed_rewards, run_demo
-from feedback.rounds import CONFIG_DIR, load_round_config
+from loop.config import CONFIG_DIR, load_round_config
+from loop.demo import deployed_rewards, run_demo
 from store.models import Annotator, AnnotatorKind, Label
-from tests.feedback.test_rounds import (  # noqa: F401  (tiny_policy is a fixture)
+from tests.loop.test_runner import (  # noqa: F401  (tiny_policy is a fixture)
     make_config,
     seed_prompts,
     tiny_policy,

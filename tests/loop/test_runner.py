@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import func
 from sqlmodel import select
 
-from feedback.rounds import RoundRunner, round_config_from_dict, round_task_counts
+from loop.config import round_config_from_dict
+from loop.runner import RoundRunner
 from store import repo
 from store import rounds as store_rounds
 from store.models import (
@@ -31,6 +32,7 @@ from store.models import (
     Task,
     TaskItem,
 )
+from store.rounds import round_task_counts
 
 pytest.importorskip("torch")
 

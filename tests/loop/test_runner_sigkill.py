@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.feedback.test_rounds import (  # noqa: F401  (tiny_policy is a fixture)
+from tests.loop.test_runner import (  # noqa: F401  (tiny_policy is a fixture)
     make_config,
     row_counts,
     seed_prompts,
@@ -33,7 +33,8 @@ CHILD = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from feedback.rounds import RoundRunner, round_config_from_dict
+    from loop.config import round_config_from_dict
+    from loop.runner import RoundRunner
     from store.db import Database
 
     db = Database.from_url({url!r})

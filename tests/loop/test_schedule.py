@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from feedback.schedule import RoundScheduler, ScheduleConfig, ScheduleError, due, next_time
+from loop.schedule import RoundScheduler, ScheduleConfig, ScheduleError, due, next_time
 from store import repo
 from store import rounds as store_rounds
 from store.models import AnnotatorKind

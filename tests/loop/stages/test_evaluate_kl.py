@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from feedback.stages import token_kl, trajectory_kls  # noqa: E402
+from loop.stages.evaluate import token_kl, trajectory_kls  # noqa: E402
 
 
 def test_token_kl_equals_the_closed_form():
