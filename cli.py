@@ -1,8 +1,11 @@
 """`prefloop`: the one console script and the composition root of the project.
 
-Each command parses its flags, builds a config, and calls one function of a package; this is the
-only module that imports across packages. Heavy packages are imported inside the commands that
-need them, so `prefloop --help`, `prefloop import` and `prefloop export` start fast.
+The root callback turns the global flags (`--db`) into one `CliContext` on typer's context
+object; every command, here and in the packages' commands modules (registered below), gets the
+store and the settings from it (`store.command_context.command_context(ctx)`), never from a
+module global. Each command parses its flags, builds a config, and calls one function of a
+package. Heavy packages are imported inside the commands that need them, so `prefloop --help`,
+`prefloop import` and `prefloop export` start fast.
 
     prefloop db upgrade
     prefloop import examples/pairwise.jsonl --format pairwise --source demo
@@ -12,18 +15,17 @@ need them, so `prefloop --help`, `prefloop import` and `prefloop export` start f
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-if __name__ == "__main__":
-    # `python cli.py ...`: commands do `from cli import open_database` lazily; without this alias
-    # that would load a second copy of this module whose --db state is empty.
-    sys.modules.setdefault("cli", sys.modules["__main__"])
+from store.command_context import command_context, fail
 
 if TYPE_CHECKING:
+    from app.settings import Settings
+    from store.command_context import CommandContext
     from store.db import Database
 
 app = typer.Typer(
@@ -37,48 +39,40 @@ db_app = typer.Typer(help="Create and migrate the store's schema.", no_args_is_h
 app.add_typer(db_app, name="db")
 
 
-class _State:
+@dataclass
+class CliContext:
+    """The `store.command_context.CommandContext` of one `prefloop` invocation: the store and
+    the settings named by the global flags."""
+
     db_url: str | None = None
 
+    def settings(self) -> Settings:
+        """The service settings from the environment, with --db applied."""
+        from app.settings import get_settings
 
-STATE = _State()
+        return get_settings(db_url=self.db_url)
 
+    def open_database(self, *, create: bool = True) -> Database:
+        """The store named by --db / PREFLOOP_DB_URL / the default SQLite file, at the newest
+        schema.
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    from rich.console import Console
-    from rich.text import Text
+        A brand-new (empty) database is migrated to the newest schema on first use when
+        `create`; one at an older revision is refused with the command that upgrades it, since
+        migrating data is a decision.
+        """
+        from store import migrate
+        from store.db import Database
 
-    # Text, not markup: a message may contain brackets (paths, JSON); soft_wrap keeps it on
-    # one line for whoever greps the output.
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), message))
-    return typer.Exit(code)
-
-
-def _settings() -> Any:
-    from app.settings import get_settings
-
-    return get_settings(db_url=STATE.db_url)
-
-
-def open_database(*, create: bool = True) -> Database:
-    """The store named by --db / PREFLOOP_DB_URL / the default SQLite file, at the newest schema.
-
-    A brand-new (empty) database is migrated to the newest schema on first use; one at an older
-    revision is refused with the command that upgrades it, since migrating data is a decision.
-    """
-    from store import migrate
-    from store.db import Database
-
-    settings = _settings()
-    db = Database.from_url(settings.resolved_db_url(),
-                           sqlite_synchronous=settings.sqlite_synchronous)
-    current, head = migrate.current_revision(db.engine), migrate.head_revision()
-    if current is None and create:
-        migrate.upgrade(db.engine)
-    elif current != head:
-        raise _fail(f"the store is at schema revision {current}, this prefloop needs {head}: "
-                    "run `prefloop db upgrade`")
-    return db
+        settings = self.settings()
+        db = Database.from_url(settings.resolved_db_url(),
+                               sqlite_synchronous=settings.sqlite_synchronous)
+        current, head = migrate.current_revision(db.engine), migrate.head_revision()
+        if current is None and create:
+            migrate.upgrade(db.engine)
+        elif current != head:
+            raise fail(f"the store is at schema revision {current}, this prefloop needs {head}: "
+                       "run `prefloop db upgrade`")
+        return db
 
 
 def _version(value: bool) -> None:
@@ -91,13 +85,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     db: Annotated[str | None, typer.Option(
         "--db", help="Store URL (sqlite:///path.db or postgresql://...). "
         "Default: $PREFLOOP_DB_URL, else ./prefloop-data/prefloop.db.")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    STATE.db_url = db
+    # The one object every command reads the store and settings from (typed as the protocol,
+    # so mypy checks that CliContext keeps satisfying it).
+    context: CommandContext = CliContext(db_url=db)
+    ctx.obj = context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,48 +103,50 @@ def main_callback(
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+def db_upgrade(ctx: typer.Context,
+               revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Migrate the store to the newest schema (or to REVISION)."""
     from store import migrate
     from store.db import Database
 
-    db = Database.from_url(_settings().resolved_db_url())
+    db = Database.from_url(command_context(ctx).settings().resolved_db_url())
     migrate.upgrade(db.engine, revision)
     typer.echo(f"{db.url}: at revision {migrate.current_revision(db.engine)}")
 
 
 @db_app.command("downgrade")
-def db_downgrade(revision: Annotated[str, typer.Argument(help="e.g. -1 or base")]) -> None:
+def db_downgrade(ctx: typer.Context,
+                 revision: Annotated[str, typer.Argument(help="e.g. -1 or base")]) -> None:
     """Migrate the store back to REVISION."""
     from store import migrate
     from store.db import Database
 
-    db = Database.from_url(_settings().resolved_db_url())
+    db = Database.from_url(command_context(ctx).settings().resolved_db_url())
     migrate.downgrade(db.engine, revision)
     typer.echo(f"{db.url}: at revision {migrate.current_revision(db.engine)}")
 
 
 @db_app.command("current")
-def db_current() -> None:
+def db_current(ctx: typer.Context) -> None:
     """Print the store's schema revision and the newest one."""
     from store import migrate
     from store.db import Database
 
-    db = Database.from_url(_settings().resolved_db_url())
+    db = Database.from_url(command_context(ctx).settings().resolved_db_url())
     typer.echo(f"{db.url}: at {migrate.current_revision(db.engine)}, "
                f"head {migrate.head_revision()}")
 
 
 @db_app.command("check")
-def db_check() -> None:
+def db_check(ctx: typer.Context) -> None:
     """Fail if the store's schema and the code's tables disagree."""
     from store import migrate
 
-    db = open_database(create=False)
+    db = command_context(ctx).open_database(create=False)
     try:
         migrate.check(db.engine)
     except Exception as exc:
-        raise _fail(f"schema drift: {exc}", 1) from None
+        raise fail(f"schema drift: {exc}", 1) from None
     typer.echo("schema matches the models")
 
 
@@ -156,6 +156,7 @@ def db_check() -> None:
 
 @app.command("import")
 def import_command(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="A JSONL file (formats: docs/formats.md).")],
     format: Annotated[str, typer.Option(
         "--format", "-f", help="prompts | pairwise | listwise | binary | tasks")],
@@ -179,10 +180,10 @@ def import_command(
     from store.models import AnnotatorKind
 
     if annotator_kind not in AnnotatorKind.__members__:
-        raise _fail("--annotator-kind must be human, ai or rule")
+        raise fail("--annotator-kind must be human, ai or rule")
     if not file.is_file():
-        raise _fail(f"{file} is not a file")
-    db = open_database()
+        raise fail(f"{file} is not a file")
+    db = command_context(ctx).open_database()
     console = Console(stderr=True)
     total = sum(1 for line in file.open(encoding="utf-8", errors="replace") if line.strip())
     progress = Progress("[progress.description]{task.description}", BarColumn(),
@@ -201,9 +202,9 @@ def import_command(
     except ImportRejected as exc:
         for error in exc.report.errors:
             console.print(f"  {error}", highlight=False, markup=False)
-        raise _fail(f"{file}: {exc}", 1) from None
+        raise fail(f"{file}: {exc}", 1) from None
     except StoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     for error in report.errors:
         console.print(f"  skipped {error}", highlight=False, markup=False)
     created = ", ".join(f"{v} {k}" for k, v in sorted(report.created.items())) or "nothing new"
@@ -213,6 +214,7 @@ def import_command(
 
 @app.command("export")
 def export_command(
+    ctx: typer.Context,
     format: Annotated[str, typer.Option(
         "--format", "-f", help="trl-preference | trl-unpaired | sft | listwise")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file.")],
@@ -245,24 +247,24 @@ def export_command(
             min_judge_agreement=min_judge_agreement,
             weight_ai_by_agreement=weight_ai_by_agreement,
         )
-        db = open_database()
+        db = command_context(ctx).open_database()
         result = export_jsonl(db, format=format, out=out, filters=filters)  # type: ignore[arg-type]
     except StoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     skipped = ", ".join(f"{k}={v}" for k, v in result.counts.items() if k.startswith("skipped"))
     typer.echo(f"{out}: {result.rows} rows, sha256 {result.sha256[:16]}…"
                f"{'; ' + skipped if skipped else ''}; manifest {result.manifest_path}")
 
 
 @app.command("stats")
-def stats_command() -> None:
+def stats_command(ctx: typer.Context) -> None:
     """Counts of prompts, completions, tasks and labels by kind and source."""
     from rich.console import Console
     from rich.table import Table
 
     from store.queries import store_counts
 
-    db = open_database()
+    db = command_context(ctx).open_database()
     with db.read() as session:
         counts = store_counts(session)
     table = Table("what", "count", title=f"prefloop store ({db.url})")
@@ -274,7 +276,7 @@ def stats_command() -> None:
 # Command groups of the other packages. Each `register(root)` adds typer commands that parse
 # flags and call that package's functions; the modules import their heavy dependencies lazily,
 # inside the commands. A package whose commands module is not present yet adds none.
-COMMAND_MODULES = ("app.commands", "feedback.commands", "training.commands")
+COMMAND_MODULES = ("app.commands", "feedback.commands", "training.commands", "loop.commands")
 
 
 def _register_package_commands() -> None:

@@ -1,9 +1,13 @@
-"""What the annotator app does, independent of how it is asked: the REST routes and the Gradio
-UI both call these functions, so both go through the same checks and the same store write path
+"""The annotation domain: users, tasks and labels, independent of how they are asked for.
+
+The REST routes (app/routes/api.py) and the Gradio labeling UI (labeling/ui.py) both call these
+functions, so both go through the same checks and the same store write path
 (`store.repo.submit_label` for every label).
 
 Each function takes the `Database`, the settings and the authenticated `User`, runs one read or
 one write transaction, and returns API schemas (positions in the caller's shown order).
+
+    python -m pytest -q tests/app/test_api.py tests/app/test_assignment_concurrency.py
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from fastapi import Depends, HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
-from app.service import User, write
+from app.annotation import User, write
 from store import accounts
 from store.db import Database
 from store.models import utcnow

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from app.serving import (
+from app.policy_engine import (
     Engine,
     GenerationRequest,
     NoModel,
@@ -262,7 +262,7 @@ class DeploymentManager:
                 return slot
         if current is None:
             raise NoModel(self._why_not_serving())
-        from app.serving import InvalidRequest
+        from app.policy_engine import InvalidRequest
 
         served = ", ".join(m.name for m in self.models())
         error = InvalidRequest(f"model {model!r} is not served here; use one of: {served} "

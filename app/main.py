@@ -1,10 +1,12 @@
 """The prefloop web service: `create_app(settings)` builds the FastAPI app.
 
-One process serves the REST API (/api), the labeling UI (Gradio, /label), the admin view
-(/admin), the login page (/login), /healthz, the OpenAPI docs (/docs) and the deployed policy
-through an OpenAI-compatible endpoint (/v1, app/routes/openai_api.py, following the store's
-deployed version with app/deploy.py). Nothing is built at import; `prefloop up`
-(app/commands.py) opens the store and runs this under uvicorn:
+One process serves the REST API (/api), the login page (/login), /healthz, the OpenAPI docs
+(/docs) and the deployed policy through an OpenAI-compatible endpoint (/v1,
+app/routes/openai_api.py, following the store's deployed version with app/deploy.py). The
+labeling UI (/label) and the admin view (/admin) are Gradio apps mounted by the caller through
+`ui=` (labeling.ui.mount_labeling_ui), so the service never imports the UI built on top of it.
+Nothing is built at import; `prefloop up` (loop/commands.py) opens the store and runs
+`create_app(settings, db=db, ui=mount_labeling_ui)` under uvicorn:
 
     prefloop users add ana --role admin       # prints ana's API token
     prefloop up --port 8000                   # then open http://127.0.0.1:8000/label/
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -149,9 +151,11 @@ class AreaGate:
 
 
 def create_app(settings: Settings | None = None, *, db: Database | None = None,
-               with_ui: bool = True) -> FastAPI:
+               ui: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """The app for these settings; `db` is the store to use (built from settings if absent,
-    and then disposed of at shutdown)."""
+    and then disposed of at shutdown). `ui`, when given, is called with the app once the
+    routes are in (labeling.ui.mount_labeling_ui mounts /label and /admin); it reads the
+    store, settings and submit limiter from `app.state`."""
     settings = settings or get_settings()
     owns_db = db is None
     store = db or Database.from_url(settings.resolved_db_url(),
@@ -214,26 +218,9 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
     app.include_router(pages.router)
     app.include_router(openai_api.router)
     app.add_middleware(AreaGate, db=store)
-    if with_ui:
-        _mount_ui(app, settings, store, app.state.submit_limiter)
+    if ui is not None:
+        ui(app)
     app.add_middleware(RequestContext)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 
-
-def _mount_ui(app: FastAPI, settings: Settings, store: Database,
-              submit_limiter: TokenBucket) -> None:
-    import gradio as gr
-
-    from app.admin import build_admin
-    from labeling.ui import HEAD, UI_CSS, build_ui
-
-    def username(request: Request) -> str | None:
-        user = getattr(request.state, "user", None)
-        return user.name if user is not None else None
-
-    gr.mount_gradio_app(app, build_ui(store, settings, submit_limiter), path="/label",
-                        auth_dependency=username, css=UI_CSS, head=HEAD, footer_links=[],
-                        ssr_mode=False)
-    gr.mount_gradio_app(app, build_admin(store), path="/admin", auth_dependency=username,
-                        footer_links=[], ssr_mode=False)

@@ -1,4 +1,5 @@
-"""Generation engines behind the OpenAI-compatible endpoint (app/routes/openai_api.py).
+"""The policy-serving engines: they generate the deployed policy's answers behind /v1
+(the OpenAI-compatible endpoint, app/routes/openai_api.py).
 
 Two engines, one interface (`Engine.submit(request, emit) -> Job`; events are pushed to `emit`
 as the text is produced, so streaming and plain calls share one path):
@@ -28,10 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+# A str is used as is; a list of messages gets the chat template (the same input as rollouts).
+from training.rollout import PromptInput
+
 if TYPE_CHECKING:
     from app.settings import Settings
 
-Prompt = str | list[dict[str, str]]  # a str is used as is; messages get the chat template
 FinishReason = Literal["stop", "length"]
 
 
@@ -93,7 +96,7 @@ class ServedPolicy:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: Prompt
+    prompt: PromptInput
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -314,7 +317,7 @@ class HFEngine(_EngineBase):
                 continue
             self._deliver(job, self._generate, "generation failed")
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def _encode(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if not getattr(self.tokenizer, "chat_template", None):

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     guidelines: str = Field(default=DEFAULT_GUIDELINES, description="Markdown shown in the "
                             "labeling UI's guidelines panel.")
 
-    # Policy serving (app/serving.py, app/deploy.py, /v1)
+    # Policy serving (app/policy_engine.py, app/deploy.py, /v1)
     serving: Literal["hf", "upstream", "off"] = Field(
         default="hf", description="How /v1 generates: hf = the deployed version's Hugging Face "
         "folder in this process (needs torch); upstream = proxy to an OpenAI-compatible server "

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.load_client import RawClient, TransportError  # noqa: E402
 from store import accounts, assignment, migrate, repo  # noqa: E402
 from store.db import Database, normalise_url  # noqa: E402
 from store.models import Annotator, Label, Role, TaskKind  # noqa: E402
@@ -93,7 +94,7 @@ class Results:
     store_only_p50_ms: float | None = None
     store_only_ops_per_s: float | None = None
     http_over_store_p50: float | None = None
-    # The server's own code path (app.service: two write transactions and the texts read),
+    # The server's own code path (app.annotation: two write transactions and the texts read),
     # called in-process: everything but HTTP, auth, routing and JSON.
     service_only_p50_ms: float | None = None
     service_only_ops_per_s: float | None = None
@@ -254,86 +255,6 @@ class Tally:
 
 async def _backoff(attempt: int) -> None:
     await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
-
-
-class TransportError(Exception):
-    """The connection failed or broke before a whole response arrived."""
-
-
-@dataclass
-class Reply:
-    status_code: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-
-class RawClient:
-    """One annotator's keep-alive HTTP/1.1 connection over asyncio streams.
-
-    The load generator shares the machine with the server, and httpx spent more CPU per label
-    than the server did (measured 13-18 ms a label on a loaded 2-core machine), so the figures
-    measured the client. This speaks just enough HTTP/1.1 for the API: Content-Length bodies,
-    keep-alive, a reconnect after any transport error (the caller then retries with the same
-    Idempotency-Key, as with any lost response)."""
-
-    def __init__(self, host: str, port: int, connect_timeout: float = 5.0,
-                 timeout: float = 30.0):
-        self.host, self.port = host, port
-        self.connect_timeout, self.timeout = connect_timeout, timeout
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def close(self) -> None:
-        if self._streams is not None:
-            writer = self._streams[1]
-            self._streams = None
-            writer.close()
-
-    async def request(self, method: str, path: str, headers: dict[str, str],
-                      body: Any = None) -> Reply:
-        try:
-            return await asyncio.wait_for(self._request(method, path, headers, body),
-                                          self.timeout)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError, IndexError) as exc:
-            await self.close()
-            raise TransportError(repr(exc)) from exc
-
-    async def _request(self, method: str, path: str, headers: dict[str, str],
-                       body: Any) -> Reply:
-        if self._streams is None:
-            self._streams = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout)
-        reader, writer = self._streams
-        payload = b"" if body is None else json.dumps(body).encode()
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 f"Content-Length: {len(payload)}"]
-        if body is not None:
-            lines.append("Content-Type: application/json")
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
-        await writer.drain()
-        status_line = await reader.readuntil(b"\r\n")
-        status = int(status_line.split(b" ", 2)[1])
-        reply_headers: dict[str, str] = {}
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            reply_headers[name.strip().lower()] = value.strip()
-        if "content-length" not in reply_headers:
-            raise ValueError("response without Content-Length")
-        data = await reader.readexactly(int(reply_headers["content-length"]))
-        if reply_headers.get("connection", "").lower() == "close":
-            await self.close()
-        return Reply(status, reply_headers, data)
 
 
 async def simulate(annotator_id: int, token: str, client: RawClient, cfg: LoadConfig,
@@ -501,8 +422,8 @@ def store_only_baseline(db: Database, annotator_id: int, ops: int, results: Resu
 
 
 def service_only_baseline(db: Database, annotator_id: int, ops: int, results: Results) -> None:
-    """The server's next + submit (app.service), in-process: no HTTP, no auth, no JSON."""
-    from app import service
+    """The server's next + submit (app.annotation), in-process: no HTTP, no auth, no JSON."""
+    from app import annotation
     from app.schemas import LabelIn
     from app.settings import Settings
 
@@ -510,18 +431,18 @@ def service_only_baseline(db: Database, annotator_id: int, ops: int, results: Re
     with db.read() as session:
         annotator = session.get(Annotator, annotator_id)
         assert annotator is not None
-        user = service.User(id=annotator_id, name=annotator.name, role=Role.annotator,
-                            token_id=0)
+        user = annotation.User(id=annotator_id, name=annotator.name, role=Role.annotator,
+                               token_id=0)
     latencies = []
     started = time.perf_counter()
     for i in range(ops):
         t0 = time.perf_counter()
-        view = service.next_task(db, settings, user, TaskKind.pairwise)
+        view = annotation.next_task(db, settings, user, TaskKind.pairwise)
         if view is None:
             break
-        service.submit_label(db, user, view.task_id,
-                             LabelIn.model_validate({"choice": CHOICES[i % 4]}),
-                             idempotency_key=f"service-baseline-{i}")
+        annotation.submit_label(db, user, view.task_id,
+                                LabelIn.model_validate({"choice": CHOICES[i % 4]}),
+                                idempotency_key=f"service-baseline-{i}")
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
     if latencies:
@@ -646,7 +567,7 @@ def main() -> None:
           f"{results.http_5xx} | {results.writes_per_s:.1f} | {results.submit_p50_ms} / "
           f"{results.submit_p99_ms} / {results.submit_max_ms} | {_fmt(results.store_only_p50_ms)}"
           f" | {_fmt(results.http_over_store_p50)}x | {results.integrity} |")
-    print(f"service-only (in-process app.service) p50 {_fmt(results.service_only_p50_ms)} ms, "
+    print(f"service-only (in-process app.annotation) p50 {_fmt(results.service_only_p50_ms)} ms, "
           f"{_fmt(results.service_only_ops_per_s)} next+submit/s")
     print(f"server CPU {results.server_cpu_ms_per_label} ms/label, load generator CPU "
           f"{results.client_cpu_ms_per_label} ms/label, load average at the end "

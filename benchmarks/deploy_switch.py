@@ -115,7 +115,7 @@ def main() -> None:
 
     settings = Settings(data_dir=workdir, serving_poll_interval_s=args.poll_s,
                         serving_max_queue=max(32, args.clients * 2))
-    app = create_app(settings, db=db, with_ui=False)
+    app = create_app(settings, db=db)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,8 +1,9 @@
-"""The labeling UI (Gradio), mounted by the FastAPI app at /label.
+"""The labeling UI (Gradio): `mount_labeling_ui(app)` mounts it on the FastAPI app at /label,
+with the admin view (app/admin.py) at /admin; `create_app(ui=mount_labeling_ui)` calls it.
 
 Authentication happens in FastAPI (the /login session cookie); every handler here re-checks the
-user from the request and acts only through `app.service`, the same functions as the REST API,
-so the UI cannot do anything the API would refuse. Model text is shown only as sanitised HTML
+user from the request and acts only through `app.annotation`, the same functions as the REST
+API, so the UI cannot do anything the API would refuse. Model text is shown only as sanitised HTML
 from `labeling.render`.
 
 Keys: pairwise 1-4 pick A / B / tie / both bad; binary 1 / 2 pick up / down; Enter submits
@@ -18,8 +19,9 @@ import uuid
 from typing import Any
 
 import gradio as gr
+from fastapi import FastAPI, Request
 
-from app import service
+from app import annotation
 from app.auth import user_from_request
 from app.ratelimit import TokenBucket
 from app.schemas import LabelIn, TaskView
@@ -93,14 +95,14 @@ class LabelingUI:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _user(self, request: gr.Request | None) -> service.User | None:
+    def _user(self, request: gr.Request | None) -> annotation.User | None:
         connection = getattr(request, "request", None) if request is not None else None
         if connection is None:
             return None
         return user_from_request(connection, self.db)
 
-    def _header(self, user: service.User, kind: str) -> str:
-        done, left = service.progress(self.db, user, TaskKind(kind))
+    def _header(self, user: annotation.User, kind: str) -> str:
+        done, left = annotation.progress(self.db, user, TaskKind(kind))
         return (f"Signed in as **{html.escape(user.name)}** ({user.role.value}) · "
                 f"**{done}** labelled · **{left}** {kind} tasks left for you")
 
@@ -176,7 +178,7 @@ class LabelingUI:
 
     # -- views ----------------------------------------------------------------------------
 
-    def _view(self, user: service.User | None, kind: str, task: TaskView | None,
+    def _view(self, user: annotation.User | None, kind: str, task: TaskView | None,
               status: str) -> dict[Any, Any]:
         """Every output for showing `task` (or the empty-queue / logged-out message)."""
         state = _fresh_state(kind)
@@ -214,8 +216,8 @@ class LabelingUI:
         out[self.state] = state
         return out
 
-    def _show_next(self, user: service.User, kind: str, status: str) -> dict[Any, Any]:
-        task = service.next_task(self.db, self.settings, user, TaskKind(kind))
+    def _show_next(self, user: annotation.User, kind: str, status: str) -> dict[Any, Any]:
+        task = annotation.next_task(self.db, self.settings, user, TaskKind(kind))
         if task is None:
             status = (f"{status} " if status else "") + (
                 f"**Your {kind} queue is empty.** Nothing is waiting for you right now; "
@@ -272,8 +274,8 @@ class LabelingUI:
         if not allowed:
             return {self.status: f"Too many submits; wait {max(1, round(wait))} s and retry."}
         try:
-            out = service.submit_label(self.db, user, state["task_id"], body,
-                                       idempotency_key=state["key"])
+            out = annotation.submit_label(self.db, user, state["task_id"], body,
+                                          idempotency_key=state["key"])
         except StoreError as exc:
             return self._show_next(user, kind, f"Not saved: {html.escape(str(exc))}.")
         return self._show_next(user, kind, f"Saved label #{out.label_id}. You can undo it "
@@ -286,7 +288,7 @@ class LabelingUI:
             return self._signed_out(kind)
         if state.get("task_id") is not None:
             try:
-                service.skip_task(self.db, user, state["task_id"])
+                annotation.skip_task(self.db, user, state["task_id"])
             except StoreError as exc:
                 return self._show_next(user, kind, f"Could not skip: {html.escape(str(exc))}.")
         return self._show_next(user, kind, "Skipped.")
@@ -296,11 +298,11 @@ class LabelingUI:
         user = self._user(request)
         if user is None:
             return self._signed_out(kind)
-        last = service.last_label(self.db, user)
+        last = annotation.last_label(self.db, user)
         if last is None:
             return {self.status: "You have no label to undo."}
         try:
-            service.undo_label(self.db, self.settings, user, last.label_id)
+            annotation.undo_label(self.db, self.settings, user, last.label_id)
         except StoreError as exc:
             return {self.status: f"Cannot undo: {html.escape(str(exc))}."}
         # The task is leased to the user again, so it comes back first in its queue.
@@ -311,3 +313,23 @@ class LabelingUI:
 def build_ui(db: Database, settings: Settings, submit_limiter: TokenBucket) -> gr.Blocks:
     """The labeling Blocks; `submit_limiter` is shared with the REST API's submit route."""
     return LabelingUI(db, settings, submit_limiter).build()
+
+
+def mount_labeling_ui(app: FastAPI) -> None:
+    """Mount the labeling UI at /label and the admin view at /admin on `app` (built by
+    app.main.create_app, whose AreaGate has already checked the user of every request there).
+    The UI shares the app's store, settings and submit limiter (`app.state`)."""
+    from app.admin import build_admin
+
+    state = app.state
+
+    def username(request: Request) -> str | None:
+        user = getattr(request.state, "user", None)
+        return user.name if user is not None else None
+
+    gr.mount_gradio_app(app, build_ui(state.db, state.settings, state.submit_limiter),
+                        path="/label", auth_dependency=username, css=UI_CSS, head=HEAD,
+                        footer_links=[], ssr_mode=False)
+    gr.mount_gradio_app(app, build_admin(state.db), path="/admin", auth_dependency=username,
+                        footer_links=[], ssr_mode=False)
+

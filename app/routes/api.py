@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app import metrics, service
+from app import annotation, metrics
 from app.auth import AdminUser, CurrentUser, Store
 from app.schemas import (
     DB_INT_MAX,
@@ -59,7 +59,7 @@ def _request_id(request: Request) -> str | None:
 @router.get("/me", response_model=Me)
 def me(user: CurrentUser, db: Store) -> Me:
     """Who you are and how many labels you have given."""
-    page = service.my_labels(db, user, limit=1, offset=0)
+    page = annotation.my_labels(db, user, limit=1, offset=0)
     return Me(annotator_id=user.id, name=user.name, role=user.role.value, labels=page.total)
 
 
@@ -73,7 +73,7 @@ async def next_task(request: Request, user: CurrentUser, db: Store,
     """Lease the next task of `kind` to you, or return the one you already hold.
 
     Completions come in the order you must refer to them in (`a`/`b`, ranking indices)."""
-    view = await run_in_threadpool(service.next_task, db, _settings(request), user,
+    view = await run_in_threadpool(annotation.next_task, db, _settings(request), user,
                                    TaskKind(kind))
     if view is None:
         return NextTask(task=None, message=f"No {kind} tasks are waiting for you right now.")
@@ -95,7 +95,7 @@ async def submit_label(
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many submits, slow down",
                             headers={"Retry-After": str(max(1, round(wait)))})
     out = await run_in_threadpool(
-        functools.partial(service.submit_label, db, user, task_id, body,
+        functools.partial(annotation.submit_label, db, user, task_id, body,
                           idempotency_key=idempotency_key, request_id=_request_id(request)))
     if out.replayed:
         response.status_code = status.HTTP_200_OK
@@ -105,7 +105,7 @@ async def submit_label(
 @router.post("/tasks/{task_id}/skip", status_code=204)
 def skip_task(task_id: TaskId, user: CurrentUser, db: Store) -> Response:
     """Give back a task leased to you; you will not be offered it again."""
-    service.skip_task(db, user, task_id)
+    annotation.skip_task(db, user, task_id)
     return Response(status_code=204)
 
 
@@ -114,27 +114,27 @@ def my_labels(user: CurrentUser, db: Store,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0) -> LabelsPage:
     """Your labels, newest first, in the order the completions were shown to you."""
-    return service.my_labels(db, user, limit=limit, offset=offset)
+    return annotation.my_labels(db, user, limit=limit, offset=offset)
 
 
 @router.delete("/me/labels/{label_id}", status_code=204)
 def undo_label(request: Request, label_id: LabelId, user: CurrentUser, db: Store) -> Response:
     """Undo one of your labels within the grace period; the task is yours again."""
-    service.undo_label(db, _settings(request), user, label_id,
-                       request_id=_request_id(request))
+    annotation.undo_label(db, _settings(request), user, label_id,
+                          request_id=_request_id(request))
     return Response(status_code=204)
 
 
 @router.post("/prompts", response_model=PromptOut, status_code=201)
 def create_prompt(body: PromptIn, user: AdminUser, db: Store) -> PromptOut:
     """Admin: add a prompt (text or chat messages); the same prompt is stored once."""
-    return service.create_prompt(db, body)
+    return annotation.create_prompt(db, body)
 
 
 @router.post("/tasks", response_model=TaskOut, status_code=201)
 def create_task(request: Request, body: TaskIn, user: AdminUser, db: Store) -> TaskOut:
     """Admin: create a task from completions of a prompt (optionally gold, with its answer)."""
-    return service.create_task(db, _settings(request), body)
+    return annotation.create_task(db, _settings(request), body)
 
 
 @router.get("/stats", response_model=Stats)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.auth import AdminUser, CurrentUser
 from app.deploy import DEPLOYED_ALIAS, DeploymentManager
-from app.serving import (
+from app.policy_engine import (
     Delta,
     Done,
     Event,
@@ -35,10 +35,10 @@ from app.serving import (
     Generation,
     GenerationRequest,
     GenerationTimeout,
-    Prompt,
     ServingError,
 )
 from app.settings import Settings
+from training.rollout import PromptInput
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -146,8 +146,8 @@ async def _parse(request: Request, schema: type[_Body]) -> _Body | JSONResponse:
     return body
 
 
-def _generation_request(body: _Body, prompt: Prompt, settings: Settings, max_tokens: int | None
-                        ) -> GenerationRequest | JSONResponse:
+def _generation_request(body: _Body, prompt: PromptInput, settings: Settings,
+                        max_tokens: int | None) -> GenerationRequest | JSONResponse:
     limit = settings.serving_max_tokens
     max_tokens = max_tokens or settings.serving_default_max_tokens
     if max_tokens > limit:
@@ -202,8 +202,8 @@ def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
              else "".join(part.text for part in m.content)} for m in messages]
 
 
-async def _complete(request: Request, body: _Body, prompt: Prompt, max_tokens: int | None,
-                    chat: bool) -> Any:
+async def _complete(request: Request, body: _Body, prompt: PromptInput,
+                    max_tokens: int | None, chat: bool) -> Any:
     manager = _manager(request)
     if manager is None:
         return _error(404, "serving is off (PREFLOOP_SERVING=off)", "model_not_found")

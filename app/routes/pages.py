@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from app.annotation import write
 from app.auth import SESSION_COOKIE, Store, authenticate
-from app.service import write
 from store import accounts
 
 router = APIRouter(include_in_schema=False)

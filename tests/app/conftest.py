@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -17,12 +18,14 @@ from store.db import Database
 
 @pytest.fixture
 def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
-    """make_client(db, **settings) -> a TestClient on the app without the Gradio UI."""
+    """make_client(db, ui=None, **settings) -> a TestClient on the app; without `ui` (e.g.
+    labeling.ui.mount_labeling_ui) it has no Gradio UI."""
     clients: list[TestClient] = []
 
-    def make(db: Database, *, with_ui: bool = False, **overrides: Any) -> TestClient:
+    def make(db: Database, *, ui: Callable[[FastAPI], None] | None = None,
+             **overrides: Any) -> TestClient:
         settings = Settings(data_dir=tmp_path, **overrides)
-        client = TestClient(create_app(settings, db=db, with_ui=with_ui),
+        client = TestClient(create_app(settings, db=db, ui=ui),
                             base_url="http://127.0.0.1")
         client.__enter__()
         clients.append(client)

@@ -15,7 +15,7 @@ import pytest
 
 from app.deploy import DeploymentManager
 from app.main import create_app
-from app.serving import (
+from app.policy_engine import (
     Engine,
     Generation,
     GenerationRequest,
@@ -97,7 +97,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
               **overrides: Any) -> Served:
         options = {"serving_poll_interval_s": 0.1, "serving_smoke_timeout_s": 30.0} | overrides
         settings = Settings(data_dir=tmp_path, **options)
-        app = create_app(settings, db=db, with_ui=False)
+        app = create_app(settings, db=db)
         manager = None if settings.serving == "off" else DeploymentManager(db, settings, load=load)
         app.state.deployments = manager
         _, token = add_user(db, f"user{len(stack)}", "admin")

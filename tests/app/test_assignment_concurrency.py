@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from app import service
+from app import annotation
 from app.schemas import LabelIn
 from app.settings import Settings
 from store.db import Database
@@ -21,28 +21,29 @@ from store.models import Label, Role, TaskKind
 from tests.app.helpers import add_task, add_user
 
 
-def _users(db: Database, n: int) -> list[service.User]:
+def _users(db: Database, n: int) -> list[annotation.User]:
     users = []
     for i in range(n):
         annotator_id, _ = add_user(db, f"worker{i}")
-        users.append(service.User(id=annotator_id, name=f"worker{i}", role=Role.annotator,
-                                  token_id=0))
+        users.append(annotation.User(id=annotator_id, name=f"worker{i}", role=Role.annotator,
+                                     token_id=0))
     return users
 
 
-def _drain(db: Database, settings: Settings, users: list[service.User]) -> list[BaseException]:
+def _drain(db: Database, settings: Settings, users: list[annotation.User]
+           ) -> list[BaseException]:
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(users))
 
-    def work(user: service.User) -> None:
+    def work(user: annotation.User) -> None:
         barrier.wait()
         try:
             while True:
-                task = service.next_task(db, settings, user, TaskKind.pairwise)
+                task = annotation.next_task(db, settings, user, TaskKind.pairwise)
                 if task is None:
                     return
-                service.submit_label(db, user, task.task_id, LabelIn(choice="a"),
-                                     idempotency_key=uuid.uuid4().hex)
+                annotation.submit_label(db, user, task.task_id, LabelIn(choice="a"),
+                                        idempotency_key=uuid.uuid4().hex)
         except (StoreError, Exception) as exc:  # surfaced by the assertion below
             errors.append(exc)
 

@@ -181,7 +181,9 @@ def test_failed_logins_are_rate_limited(db: Database, make_client: Client) -> No
 
 
 def test_ui_and_admin_mounts_need_a_session(db: Database, make_client: Client) -> None:
-    client = make_client(db, with_ui=True)
+    from labeling.ui import mount_labeling_ui
+
+    client = make_client(db, ui=mount_labeling_ui)
     _, tok_a = add_user(db, "ann")
     _, tok_admin = add_user(db, "root", "admin")
     paths = ["/label/", "/label/config", "/label/gradio_api/info", "/admin/", "/admin/config",

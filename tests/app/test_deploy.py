@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.serving import Delta, HFEngine, ServedPolicy
+from app.policy_engine import Delta, HFEngine, ServedPolicy
 from store import deployments
 from store.models import PolicyStatus, PolicyVersion
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
@@ -58,7 +58,7 @@ class HangingEngine:
         self.closed = threading.Event()
 
     def submit(self, request, emit):
-        from app.serving import Job
+        from app.policy_engine import Job
 
         return Job(request, emit)
 

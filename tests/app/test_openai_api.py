@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from app.serving import Busy, Delta, GenerationRequest, ServedPolicy, StopText
+from app.policy_engine import Busy, Delta, GenerationRequest, ServedPolicy, StopText
 from store import deployments
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
 from tests.app.serving_fixtures import expected, register, wait_until
@@ -199,7 +199,7 @@ def test_serving_status_names_the_current_version_for_admins(served_v1):
 
 
 def test_hf_engine_streams_deltas_that_add_up_to_the_answer(tiny_policies):
-    from app.serving import Done, HFEngine
+    from app.policy_engine import Done, HFEngine
 
     engine = HFEngine(ServedPolicy(1, "v1", "tiny", str(tiny_policies["v1"])))
     events = []

@@ -37,7 +37,7 @@ def fuzz_env(sqlite_db: Database, tmp_path: Path) -> dict[str, Any]:
         for i in range(3):
             add_task(db, kind, prompt=f"{kind.value} prompt {i}")
     app = create_app(Settings(data_dir=tmp_path, submit_rate_per_s=1000, submit_burst=1000),
-                     db=db, with_ui=False)
+                     db=db)
     return {"app": app, "tokens": (admin, annotator)}
 
 

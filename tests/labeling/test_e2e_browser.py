@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from app.main import create_app
 from app.settings import Settings
+from labeling.ui import mount_labeling_ui
 from store.db import Database
 from store.models import AuditEvent, TaskKind
 from store.values import pairwise_shown_to_canonical, ranking_to_ranks, ranks_shown_to_canonical
@@ -93,7 +94,7 @@ def test_label_three_kinds_in_browser_and_no_xss(sqlite_db: Database, tmp_path: 
     settings = Settings(data_dir=tmp_path, undo_grace_s=600)
     page = browser_page
 
-    with live_server(create_app(settings, db=db)) as base:
+    with live_server(create_app(settings, db=db, ui=mount_labeling_ui)) as base:
         # Not logged in: the UI sends the browser to the login page; a wrong token fails.
         page.goto(f"{base}/label/")
         expect(page).to_have_url(f"{base}/login?next=/label/")
