@@ -395,8 +395,8 @@ def test_vllm_serves_a_mounted_model_without_downloading() -> None:
 
 
 def test_app_talks_to_postgres_and_vllm_through_its_settings() -> None:
-    from app.commands import up
     from app.settings import Settings
+    from loop.commands import up
 
     env = rendered()["services"]["app"]["environment"]
     assert env["PREFLOOP_DB_URL"].startswith("postgresql://prefloop:")

@@ -34,8 +34,8 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, fault_server: FaultServer) 
     judge.write_text(f'model = "fault-judge"\nbase_url = "{fault_server.url}"\n[limits]\n'
                      f"concurrency = {CONCURRENCY}\nwrite_batch = {WRITE_BATCH}\n"
                      "rate_limit_rps = 1000\ntimeout_s = 5\n")
-    # The store is named by PREFLOOP_DB_URL: with `python cli.py --db`, the commands' lazy
-    # `from cli import open_database` would see a second copy of cli.py without the flag.
+    # The store is named by PREFLOOP_DB_URL, as a deployment would (the environment variable
+    # is the settings' source for every process the test starts).
     env = {**os.environ, "PREFLOOP_DB_URL": url}
     command = [sys.executable, "cli.py", "judge", "run", "--judge", str(judge), "--json"]
     killed = 0
