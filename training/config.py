@@ -20,6 +20,7 @@ from typing import Any, Literal, cast, get_args
 from training import loss_names
 from training.config_reader import ConfigError, SavableConfig, build, resolve_fields
 from training.loss_names import LOSS_TYPES
+from training.model_options import KernelOptions, ModelOptions
 
 Mode = Literal["sft", "rm", "dpo", "kto"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -27,7 +28,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass(frozen=True)
-class TrainConfig(SavableConfig):
+class TrainConfig(ModelOptions, KernelOptions, SavableConfig):
     """Everything one `prefloop train MODE` run needs. Units are in the field names."""
 
     # --- what to train ---------------------------------------------------------------------
@@ -88,21 +89,7 @@ class TrainConfig(SavableConfig):
     """Optimizer steps; 0 = epochs * (examples // optimizer batch, rounded up)."""
     seed: int = 0
 
-    # --- model and hardware ----------------------------------------------------------------
-    lora: Literal["auto", "on", "off"] = "auto"
-    """auto = LoRA on CPU, full fine-tuning on GPU."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 = bf16 autocast with fp32 master weights; auto = bf16 where the hardware supports it."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
-    """Attention kernel. auto = eager (matmul + softmax) on CPU when max_length <= 256, sdpa
-    otherwise: on CPU, torch's flash-attention backward is several times slower than the plain
-    matmuls at these lengths, and eager's (B, heads, T, T) activations are still small
-    (benchmarks/attention_cpu.py)."""
+    # --- model and hardware (LoRA, device, precision, attention: training.model_options) ---
     gradient_checkpointing: bool = False
     precompute_ref_logps: bool = True
     """Reference log-probs computed once per dataset (cached in the run dir) instead of per step."""

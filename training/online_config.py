@@ -20,13 +20,14 @@ from typing import Literal, get_args
 from training.config import CONFIG_DIR
 from training.config_reader import ConfigError, SavableConfig, resolve_fields
 from training.loss_names import REFERENCE_BASED_PREFERENCE_LOSSES
+from training.model_options import KernelOptions, ModelOptions
 
 Algo = Literal["grpo", "rs", "online-dpo"]
 ALGOS: tuple[str, ...] = get_args(Algo)
 
 
 @dataclass(frozen=True)
-class OnlineConfig(SavableConfig):
+class OnlineConfig(ModelOptions, KernelOptions, SavableConfig):
     """One `run_online` run. Units are in the field names."""
 
     # --- what to train ---------------------------------------------------------------------
@@ -109,19 +110,7 @@ class OnlineConfig(SavableConfig):
     """Sequences per forward pass (memory); gradients are accumulated up to train_batch_size."""
     seed: int = 0
 
-    # --- model and hardware ----------------------------------------------------------------
-    lora: Literal["auto", "on", "off"] = "auto"
-    """auto = LoRA on CPU, full fine-tuning on GPU."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Learner: bf16 autocast with fp32 master weights where supported (auto), or fp32."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
-    """Learner's attention kernel (TrainConfig.attention): auto = eager on CPU when the longest
-    prompt plus max_new_tokens fits in training.runtime.EAGER_ATTENTION_MAX_LENGTH tokens."""
+    # --- model and hardware (LoRA, device, precision, attention: training.model_options) ---
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 
 from training.config import CONFIG_DIR
 from training.config_reader import ConfigError, SavableConfig, build, resolve_fields
+from training.model_options import ModelOptions
 
 CONFIG_PATH = CONFIG_DIR / "ppo.toml"
 
@@ -30,7 +31,7 @@ class PPOConfigError(ConfigError):
 
 
 @dataclass(frozen=True)
-class PPOConfig(SavableConfig):
+class PPOConfig(ModelOptions, SavableConfig):
     """Everything one PPO run needs. Steps are PPO iterations (rollout + update) unless a field
     says optimizer steps."""
 
@@ -126,14 +127,7 @@ class PPOConfig(SavableConfig):
     """0 disables clipping."""
     seed: int = 0
 
-    # --- models and hardware ----------------------------------------------------------------
-    lora: Literal["auto", "on", "off"] = "auto"
-    """auto = LoRA for actor and critic on CPU, full fine-tuning on GPU."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # --- models and hardware (LoRA and device: training.model_options) --------------------
 
     # --- Ray placement ----------------------------------------------------------------------
     actor_workers: int = 1
