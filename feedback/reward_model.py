@@ -8,7 +8,8 @@
 The model is a Hugging Face `AutoModelForSequenceClassification` folder with one label (what
 prefloop's reward-model training saves). Inputs are encoded as training encodes them (text:
 prompt + response + EOS as one string; chat: the tokenizer's chat template), and the reward is
-the score head on the last token's hidden state, as in training.logprobs.sequence_rewards.
+the score head on the last token's hidden state (training.rewards.RewardModelScorer, which the
+online trainers use too).
 Pairwise confidence is the Bradley-Terry probability sigmoid(|r_a - r_b|) of the preferred
 response. `decide_from_rewards` is pure; the scorer is the only part that loads torch.
 """
@@ -52,38 +53,20 @@ def decide_from_rewards(kind: str, rewards: Sequence[float], *, tie_margin: floa
 
 
 class RewardScorer:
-    """Loads the reward model once and scores (prompt, response) pairs on CPU."""
+    """Loads the reward model once and scores (prompt, response) pairs on CPU.
+
+    The model, its encoding and its score head are training.rewards.RewardModelScorer's, the
+    same ones the online trainers reward with, so a judge and a trainer give one response the
+    same reward.
+    """
 
     def __init__(self, model_path: str, *, max_length: int = 2048):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from training.rewards import RewardModelScorer
 
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
-        self.model.eval()
-        self.max_length = max_length
-
-    def encode(self, prompt: Any, response: str) -> list[int]:
-        tok = self.tokenizer
-        if isinstance(prompt, list):  # chat messages
-            messages = [*prompt, {"role": "assistant", "content": response}]
-            text = tok.apply_chat_template(messages, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            eos = tok.eos_token or ""
-            ids = tok(prompt + response + ("" if response.endswith(eos) else eos))["input_ids"]
-        return ids[-self.max_length:]
+        self.scorer = RewardModelScorer.load(model_path, max_length=max_length)
+        self.model = self.scorer.model
+        self.encode = self.scorer.encode  # (prompt, response) -> the token ids that are scored
 
     def score(self, prompt: Any, responses: Sequence[str]) -> list[float]:
-        torch = self.torch
-        base = self.model
-        backbone = getattr(base, base.base_model_prefix)
-        rewards = []
-        with torch.inference_mode():
-            for response in responses:
-                ids = torch.tensor([self.encode(prompt, response)])
-                hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  use_cache=False)[0]
-                rewards.append(float(base.score(hidden[:, -1]).squeeze()))
-        return rewards
+        count = len(responses)
+        return [float(r) for r in self.scorer([prompt] * count, list(responses), [None] * count)]

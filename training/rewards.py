@@ -90,7 +90,8 @@ class RewardModelScorer:
     max_length: int = 1024
 
     @classmethod
-    def load(cls, path: str, *, batch_size: int = 16) -> RewardModelScorer:
+    def load(cls, path: str, *, batch_size: int = 16, max_length: int = 1024
+             ) -> RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification
 
@@ -107,7 +108,7 @@ class RewardModelScorer:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(folder), num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model.eval(), tokenizer, batch_size)
+        return cls(model.eval(), tokenizer, batch_size, max_length)
 
     def encode(self, prompt: PromptInput, response: str) -> list[int]:
         tok = self.tokenizer
