@@ -11,8 +11,11 @@ outside it adds a row or commits one. Which module writes what:
   tasks to humans; store/calibration.py: judge calibrations and task priorities (routing);
 - store/accounts.py: API tokens; store/assignment.py: task leases and the task queue;
   store/deployments.py: policy status changes with their audit events; store/rounds.py: rounds,
-  their state moves and the round lock; store/importing.py and store/exporting.py write through
-  the functions here. The web service's human labels go through `record_label` (app/).
+  their state moves and the round lock; store/bulk.py: an import's batches (prompts,
+  completions, tasks, labels with their audit events, checked row by row in store/import_rows.py)
+  with the same get-or-create and label semantics as the functions here, in multi-row
+  statements; store/exporting.py: export snapshots, through `record_export`. The web service's
+  human labels go through `record_label` (app/).
 
 Each function takes the session as a keyword (`*, session`) and never commits: the caller owns
 the transaction (`Database.write()` or `Database.run_write`), so one submit is one transaction.
