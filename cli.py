@@ -24,6 +24,11 @@ import typer
 from store.command_context import command_context, fail
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+    from rich.progress import Progress, Task, TaskID
+
     from app.settings import Settings
     from store.command_context import CommandContext
     from store.db import Database
@@ -154,6 +159,32 @@ def db_check(ctx: typer.Context) -> None:
 # import / export
 
 
+def _progress_bar(console: Console, get_time: Callable[[], float] | None = None) -> Progress:
+    """Done / total, rate and time left on stderr; transient, and off when stderr is not a
+    terminal (so piped and captured output holds only the result lines). A task's `unit`
+    field names what is counted; `get_time` is rich's clock (a test passes its own)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} {task.fields['unit']}/s",
+                        style="progress.data.speed")
+
+    return Progress("[progress.description]{task.description}", BarColumn(),
+                    MofNCompleteColumn(), TextColumn("{task.fields[unit]}"), RateColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal, get_time=get_time)
+
+
 @app.command("import")
 def import_command(
     ctx: typer.Context,
@@ -173,7 +204,6 @@ def import_command(
 ) -> None:
     """Import prompts, labelled feedback or unlabelled tasks from a JSONL file."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from store.errors import StoreError
     from store.importing import ImportRejected, import_jsonl
@@ -186,12 +216,10 @@ def import_command(
     db = command_context(ctx).open_database()
     console = Console(stderr=True)
     total = sum(1 for line in file.open(encoding="utf-8", errors="replace") if line.strip())
-    progress = Progress("[progress.description]{task.description}", BarColumn(),
-                        MofNCompleteColumn(), "rows", TimeRemainingColumn(), console=console,
-                        transient=True, disable=not console.is_terminal)
+    progress = _progress_bar(console)
     try:
         with progress:
-            bar = progress.add_task(f"importing {file.name}", total=total)
+            bar = progress.add_task(f"importing {file.name}", total=total, unit="rows")
             report = import_jsonl(
                 db, file, format=format, source=source,  # type: ignore[arg-type]
                 annotator_kind=AnnotatorKind(annotator_kind),
@@ -235,8 +263,14 @@ def export_command(
     weight_ai_by_agreement: Annotated[bool, typer.Option(
         help="Weighted majority: a human label weighs 1, an AI/rule label its judge's "
         "calibrated agreement.")] = False,
+    shape: Annotated[str, typer.Option(
+        help="One shape per file, as TRL needs: auto (chat if any row is conversational, "
+        "else text) | chat (text rows become one user turn + an assistant turn) | text "
+        "(conversational rows are dropped).")] = "auto",
 ) -> None:
     """Export aggregated labels as a training file plus FILE.manifest.json."""
+    from rich.console import Console
+
     from store.errors import StoreError
     from store.exporting import ExportFilters, export_jsonl
 
@@ -246,13 +280,28 @@ def export_command(
             split=split, round_id=round_id, pairs_as_unpaired=pairs_as_unpaired,
             min_judge_agreement=min_judge_agreement,
             weight_ai_by_agreement=weight_ai_by_agreement,
+            shape=shape,  # type: ignore[arg-type]
         )
         db = command_context(ctx).open_database()
-        result = export_jsonl(db, format=format, out=out, filters=filters)  # type: ignore[arg-type]
+        progress = _progress_bar(Console(stderr=True))
+        bars: dict[str, TaskID] = {}  # one bar per phase: its rate and ETA count one unit
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                unit = "tasks" if phase == "reading" else "rows"
+                bars[phase] = progress.add_task(f"{phase} {out.name}", total=total, unit=unit)
+            progress.update(bars[phase], completed=done, total=total)
+
+        with progress:
+
+            result = export_jsonl(db, format=format, out=out,  # type: ignore[arg-type]
+                                  filters=filters, on_progress=on_progress)
     except StoreError as exc:
         raise fail(str(exc)) from None
     skipped = ", ".join(f"{k}={v}" for k, v in result.counts.items() if k.startswith("skipped"))
-    typer.echo(f"{out}: {result.rows} rows, sha256 {result.sha256[:16]}…"
+    converted = result.counts.get("converted_to_chat", 0)
+    shaped = result.shape + (f", {converted} text rows as chat" if converted else "")
+    typer.echo(f"{out}: {result.rows} rows ({shaped}), sha256 {result.sha256[:16]}…"
                f"{'; ' + skipped if skipped else ''}; manifest {result.manifest_path}")
 
 

@@ -14,6 +14,11 @@ through the same three steps: `render_export` (rows to bytes), `write_export` (t
 manifest, by rename) and `record_snapshot` (the `export_snapshot` row); the export records the
 row first and names it in the manifest, the round writes the files first and the row with its
 stage's advance.
+
+Every file has one shape, all plain text or all conversational (store/export_shape.py: TRL's
+trainers crash on a mix). Tasks are read in chunks of `LOAD_CHUNK` inside the one read
+transaction, which bounds the bind parameters per query and lets `on_progress` report
+("reading", tasks done, tasks total) and then ("writing", rows done, rows total).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import combinations
@@ -30,12 +35,13 @@ from math import comb
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from store import repo
 from store.calibration import label_weight, latest_agreements
 from store.db import Database
 from store.errors import InvalidInput
+from store.export_shape import ExportShape, check_shape, shape_rows
 from store.models import (
     Annotator,
     AnnotatorKind,
@@ -53,6 +59,15 @@ from store.values import content_text, pair_preference, sha256_hex
 ExportFormat = Literal["trl-preference", "trl-unpaired", "sft", "listwise"]
 EXPORT_FORMATS: tuple[str, ...] = ("trl-preference", "trl-unpaired", "sft", "listwise")
 SOURCES = ("human", "ai", "rule", "all")
+
+# Tasks per chunk of queries: the item and label queries bind one parameter per task id, and
+# psycopg 3 binds server-side, where PostgreSQL allows at most 65535 parameters per statement.
+LOAD_CHUNK = 1000
+# How often (in rows) rendering reports progress.
+PROGRESS_EVERY = 1000
+
+# on_progress(phase, done, total): phase "reading" counts tasks, "writing" counts rows.
+ProgressCallback = Callable[[str, int, int], None]
 
 KINDS_FOR_FORMAT: dict[str, tuple[TaskKind, ...]] = {
     "trl-preference": (TaskKind.pairwise, TaskKind.listwise),
@@ -78,6 +93,8 @@ class ExportFilters:
     min_judge_agreement: float = 0.0
     # Weighted majority: a human label weighs 1, an AI/rule label its judge's agreement.
     weight_ai_by_agreement: bool = False
+    # One shape per file: "auto" | "text" | "chat" (store/export_shape.py).
+    shape: ExportShape = "auto"
 
     def __post_init__(self) -> None:
         unknown = set(self.sources) - set(SOURCES)
@@ -87,6 +104,7 @@ class ExportFilters:
             raise InvalidInput("min_agreement must be between 0 and 1")
         if not 0.0 <= self.min_judge_agreement <= 1.0:
             raise InvalidInput("min_judge_agreement must be between 0 and 1")
+        check_shape(self.shape)
 
     def uses_calibration(self) -> bool:
         return self.min_judge_agreement > 0 or self.weight_ai_by_agreement
@@ -158,13 +176,11 @@ class _TaskData:
         return [label.ranks or [] for label in self.labels]
 
 
-def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
-          counts: Counter[str], judge_agreements: dict[str, float | None]) -> list[_TaskData]:
+def _task_query(kinds: Sequence[TaskKind], filters: ExportFilters) -> Any:
     query = (
         select(Task, Prompt)
         .join(Prompt, col(Prompt.id) == col(Task.prompt_id))
         .where(col(Task.kind).in_(list(kinds)))
-        .order_by(col(Task.id))
     )
     if filters.dataset is not None:
         query = query.where(Prompt.dataset == filters.dataset)
@@ -172,10 +188,33 @@ def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
         query = query.where(Prompt.split == filters.split)
     if filters.round_id is not None:
         query = query.where(Task.round_id == filters.round_id)
-    tasks = {task.id: _TaskData(task, prompt, []) for task, prompt in session.exec(query).all()}
-    if not tasks:
-        return []
-    ids = list(tasks)
+    return query
+
+
+def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
+          counts: Counter[str], judge_agreements: dict[str, float | None],
+          on_progress: ProgressCallback | None = None) -> Iterator[_TaskData]:
+    """The labelled tasks in id order, read `LOAD_CHUNK` tasks at a time."""
+    query = _task_query(kinds, filters)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    agreements = latest_agreements(session=session) if filters.uses_calibration() else {}
+    done, last_id = 0, 0
+    while chunk := session.exec(query.where(col(Task.id) > last_id).order_by(col(Task.id))
+                                .limit(LOAD_CHUNK)).all():
+        tasks = {task.id: _TaskData(task, prompt, []) for task, prompt in chunk}
+        ids = list(tasks)
+        last_id = ids[-1]
+        _attach(session, tasks, ids, filters, agreements, counts, judge_agreements)
+        done += len(chunk)
+        if on_progress is not None:
+            on_progress("reading", done, total)
+        yield from (data for data in tasks.values() if data.labels)
+
+
+def _attach(session: Session, tasks: dict[int | None, _TaskData], ids: list[int | None],
+            filters: ExportFilters, agreements: dict[int, float | None], counts: Counter[str],
+            judge_agreements: dict[str, float | None]) -> None:
+    """Fill one chunk's tasks with their completions (canonical order) and kept labels."""
     items = session.exec(
         select(TaskItem, Completion)
         .join(Completion, col(Completion.id) == col(TaskItem.completion_id))
@@ -194,7 +233,6 @@ def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
         )
         .order_by(col(Label.task_id), col(Label.id))
     ).all()
-    agreements = latest_agreements(session=session) if filters.uses_calibration() else {}
     for label, kind in labels:
         weight = 1.0
         if filters.uses_calibration():
@@ -209,7 +247,6 @@ def _load(session: Session, kinds: Sequence[TaskKind], filters: ExportFilters,
                 judge_agreements[str(label.annotator_id)] = agreements[label.annotator_id]
         tasks[label.task_id].labels.append(label)
         tasks[label.task_id].weights.append(weight)
-    return [data for data in tasks.values() if data.labels]
 
 
 def _as_completion(prompt: Any, completion: Any) -> Any:
@@ -274,10 +311,13 @@ class BuiltExport:
     counts: Counter[str]
     # judge annotator id -> the calibrated agreement used to weight or filter its labels
     judge_agreements: dict[str, float | None]
+    shape: str = "text"  # the shape every row has: "text" or "chat"
 
 
-def build_rows(session: Session, format: ExportFormat, filters: ExportFilters) -> BuiltExport:
-    """The export's rows, in order, counts of what was kept and skipped, judge weights used."""
+def build_rows(session: Session, format: ExportFormat, filters: ExportFilters,
+               on_progress: ProgressCallback | None = None) -> BuiltExport:
+    """The export's rows, in order and in one shape, counts of what was kept and skipped,
+    judge weights used."""
     if format not in KINDS_FOR_FORMAT:
         raise InvalidInput(f"unknown export format {format!r}; use one of "
                            f"{', '.join(EXPORT_FORMATS)}")
@@ -294,7 +334,7 @@ def build_rows(session: Session, format: ExportFormat, filters: ExportFilters) -
             return False
         return True
 
-    for data in _load(session, kinds, filters, counts, judge_agreements):
+    for data in _load(session, kinds, filters, counts, judge_agreements, on_progress):
         counts[f"tasks_{data.task.kind.value}"] += 1
         counts["labels_used"] += len(data.labels)
         prompt = data.prompt.content
@@ -356,8 +396,9 @@ def build_rows(session: Session, format: ExportFormat, filters: ExportFilters) -
                     rows.append({"prompt": prompt, "completion": completion[position],
                                  "label": desirable, "weight": pair.weight,
                                  "agreement": pair.agreement, **_base(data)})
+    rows, shape = shape_rows(rows, filters.shape, counts)
     counts["rows"] = len(rows)
-    return BuiltExport(rows, counts, dict(sorted(judge_agreements.items())))
+    return BuiltExport(rows, counts, dict(sorted(judge_agreements.items())), shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +413,7 @@ class ExportResult:
     rows: int
     counts: dict[str, int]
     snapshot_id: int
+    shape: str = "text"
 
 
 @dataclass(frozen=True)
@@ -386,6 +428,7 @@ class RenderedExport:
     filters: dict[str, Any]
     judge_agreements: dict[str, float | None]
     round_id: int | None
+    shape: str = "text"
 
 
 def manifest_path_for(path: Path) -> Path:
@@ -407,22 +450,27 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def render_export(db: Database, format: ExportFormat, filters: ExportFilters) -> RenderedExport:
+def render_export(db: Database, format: ExportFormat, filters: ExportFilters,
+                  on_progress: ProgressCallback | None = None) -> RenderedExport:
     """The export's rows read in one consistent view and rendered as JSONL bytes (sorted keys,
     so the same store content always gives the same bytes and sha256)."""
     with db.read() as session:
         if not db.is_sqlite:
             # One consistent view across the several queries, as SQLite's read transaction is.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        built = build_rows(session, format, filters)
-    payload = "".join(
-        json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in built.rows
-    ).encode("utf-8")
+        built = build_rows(session, format, filters, on_progress)
+    lines, total = [], len(built.rows)
+    for done, row in enumerate(built.rows, 1):
+        lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        if on_progress is not None and (done % PROGRESS_EVERY == 0 or done == total):
+            on_progress("writing", done, total)
+    payload = "".join(lines).encode("utf-8")
     return RenderedExport(
         format=format, payload=payload, sha256=sha256_hex(payload), rows=len(built.rows),
         counts=dict(sorted(built.counts.items())),
         filters={**asdict(filters), "sources": list(filters.sources)},
-        judge_agreements=built.judge_agreements, round_id=filters.round_id)
+        judge_agreements=built.judge_agreements, round_id=filters.round_id,
+        shape=built.shape)
 
 
 def record_snapshot(session: Session, export: RenderedExport, out: Path) -> ExportSnapshot:
@@ -441,7 +489,8 @@ def write_export(export: RenderedExport, out: Path, *, database: str,
 
     _write_atomically(out, export.payload)
     manifest = {
-        "sha256": export.sha256, "format": export.format, "filters": export.filters,
+        "sha256": export.sha256, "format": export.format, "shape": export.shape,
+        "filters": export.filters,
         "counts": export.counts, "rows": export.rows, "round_id": export.round_id,
         "created_at": datetime.now(UTC).isoformat(), "prefloop_version": __version__,
         "snapshot_id": snapshot_id, "database": database,
@@ -463,12 +512,13 @@ def export_prompts(out: Path, prompts: Sequence[Prompt]) -> str:
 
 
 def export_jsonl(
-    db: Database, *, format: ExportFormat, out: Path, filters: ExportFilters | None = None
+    db: Database, *, format: ExportFormat, out: Path, filters: ExportFilters | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ExportResult:
     """Write the export and its manifest, and record the snapshot in the store."""
-    export = render_export(db, format, filters or ExportFilters())
+    export = render_export(db, format, filters or ExportFilters(), on_progress)
     with db.write() as session:
         snapshot_id = record_snapshot(session, export, out).id or 0
     manifest_path = write_export(export, out, database=db.url, snapshot_id=snapshot_id)
     return ExportResult(out, manifest_path, export.sha256, export.rows, export.counts,
-                        snapshot_id)
+                        snapshot_id, export.shape)

@@ -1,6 +1,7 @@
 """The `prefloop` CLI: import/export/stats/db through the real command, exit codes, start-up."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_import_then_export_through_the_cli(run, tmp_path):
     result = run("export", "--format", "trl-preference", "--out", str(out), "--source", "human")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert (rows[0]["chosen"], rows[0]["agreement"]) == ("2 + 2 = 4.", 1.0)
+    # The store mixes text and chat rows, so the file is all chat (--shape auto).
+    assert (rows[0]["chosen"], rows[0]["agreement"]) == (
+        [{"role": "assistant", "content": "2 + 2 = 4."}], 1.0)
     assert len(rows) == 3
     manifest = json.loads((tmp_path / "prefs.jsonl.manifest.json").read_text())
     assert manifest["rows"] == 3 and manifest["filters"]["sources"] == ["human"]
@@ -113,3 +116,96 @@ def test_up_refuses_a_bad_round_schedule_before_serving(run, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "prefloop on http" not in result.output  # nothing was started
+
+
+# ------------------------------------------------------------------ export: shape and progress
+
+
+def _import_examples(run) -> None:
+    for name in ("pairwise", "listwise", "binary"):
+        result = run("import", str(EXAMPLES / f"{name}.jsonl"), "--format", name)
+        assert result.exit_code == 0, result.output
+
+
+def test_export_of_a_mixed_store_prints_its_shape_and_no_bar_off_a_terminal(run, tmp_path):
+    _import_examples(run)
+    out = tmp_path / "prefs.jsonl"
+    result = run("export", "--format", "trl-preference", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "prefs.jsonl.manifest.json").read_text())
+    # The whole output (stdout and stderr) is the one result line: no progress bar off a tty.
+    assert result.output == (
+        f"{out}: 11 rows (chat, 10 text rows as chat), sha256 {manifest['sha256'][:16]}…; "
+        f"skipped_tie=1; manifest {out}.manifest.json\n")
+    assert manifest["shape"] == "chat"
+    text = run("export", "--format", "trl-preference", "--out", str(out), "--shape", "text")
+    assert text.exit_code == 0, text.output
+    assert f"{out}: 10 rows (text), sha256" in text.output
+    assert "skipped_conversational=1" in text.output
+    assert all(isinstance(json.loads(line)["prompt"], str) for line in out.read_text().splitlines())
+
+
+def test_export_refuses_an_unknown_shape_and_writes_nothing(run, tmp_path):
+    out = tmp_path / "prefs.jsonl"
+    result = run("export", "--format", "trl-preference", "--out", str(out), "--shape", "xml")
+    assert (result.exit_code, result.output) == (
+        2, "error: shape must be one of auto, text, chat\n")
+    assert not out.exists() and not (tmp_path / "store.db").exists()
+
+
+def test_export_shows_a_transient_progress_bar_on_a_terminal(run, tmp_path):
+    """A real `prefloop export` with stderr on a pseudo-terminal, as a user at a shell sees it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    _import_examples(run)
+    out = tmp_path / "prefs.jsonl"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TTY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--db", f"sqlite:///{tmp_path / 'store.db'}", "export",
+         "--format", "trl-preference", "--out", str(out)],
+        cwd=Path(cli.__file__).parent, stdout=subprocess.PIPE, stderr=slave,
+        env={**env, "TERM": "xterm"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    assert proc.wait() == 0
+    screen = b"".join(chunks).decode()
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert re.search(r"reading prefs\.jsonl ━+ 5/5\s+tasks", plain), plain
+    assert re.search(r"writing prefs\.jsonl ━+ 11/11 rows", plain), plain
+    # Transient: the last frame is erased (cursor up, erase line, once per bar).
+    assert screen.endswith("\x1b[1A\x1b[2K\x1b[1A\x1b[2K")
+    assert stdout.startswith(f"{out}: 11 rows (chat, 10 text rows as chat)")
+
+
+def test_progress_bar_shows_done_of_total_the_rate_and_the_time_left():
+    from io import StringIO
+
+    from rich.console import Console
+
+    clock = [0.0]
+    console = Console(file=StringIO(), force_terminal=True, width=120, color_system=None)
+    progress = cli._progress_bar(console, get_time=lambda: clock[0])
+    bar = progress.add_task("writing x.jsonl", total=200, unit="rows")
+    for done in (50, 100):  # 50 rows a second
+        clock[0] += 1.0
+        progress.update(bar, completed=done)
+    console.print(progress.get_renderable())
+    line = console.file.getvalue().strip()  # type: ignore[attr-defined]
+    # Half of the 40-cell bar filled, 100 rows at 50 rows/s, 100 left: 2 s.
+    assert line == "writing x.jsonl " + "━" * 20 + " " * 20 + " 100/200 rows 50 rows/s 0:00:02"

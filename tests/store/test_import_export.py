@@ -44,7 +44,10 @@ def test_pairwise_round_trip_gives_back_the_same_pairs(db, tmp_path):
     assert (report.rows_read, report.rows_written, report.errors) == (2, 2, [])
     result = export_jsonl(db, format="trl-preference", out=tmp_path / "out.jsonl")
     assert read_jsonl(result.path) == [
-        {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "weight": 1.0,
+        # One shape per file (TRL's trainers need it): the text row is exported as chat.
+        {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+         "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}], "weight": 1.0,
          "agreement": 1.0, "n_labels": 1, "task_id": 1, "task_kind": "pairwise"},
         {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "11"}],
          "rejected": [{"role": "assistant", "content": "12"}], "weight": 1.0, "agreement": 1.0,
