@@ -53,9 +53,19 @@ class CliContext:
 
     def settings(self) -> Settings:
         """The service settings from the environment, with --db applied."""
+        from pydantic import ValidationError
+
         from app.settings import get_settings
 
-        return get_settings(db_url=self.db_url)
+        try:
+            return get_settings(db_url=self.db_url)
+        except ValidationError as exc:
+            # A bad PREFLOOP_* value: name the variable and what it must be, no traceback.
+            problems = "; ".join(
+                f"PREFLOOP_{'_'.join(str(p) for p in error['loc']).upper() or 'SETTINGS'}: "
+                f"{error['msg']}" for error in exc.errors())
+            raise fail(f"bad setting: {problems} (docs/settings.md lists every setting)"
+                       ) from None
 
     def open_database(self, *, create: bool = True) -> Database:
         """The store named by --db / PREFLOOP_DB_URL / the default SQLite file, at the newest

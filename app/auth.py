@@ -148,15 +148,24 @@ def authenticate(db: Database, token: str) -> User | None:
     return user
 
 
-def same_origin(connection: HTTPConnection) -> bool:
-    """Whether a state-changing browser request comes from this site."""
-    origin = connection.headers.get("origin")
-    if origin is None:
-        # Browsers always send Origin on cross-site POSTs; fall back on Fetch metadata.
-        return connection.headers.get("sec-fetch-site", "same-origin") in (
-            "same-origin", "none")
+def own_origin(connection: HTTPConnection, origin: str) -> bool:
+    """Whether `origin` ("https://host[:port]") is this service's own (by the Host header)."""
     host = connection.headers.get("host", "")
-    return origin in (f"http://{host}", f"https://{host}")
+    return bool(host) and origin in (f"http://{host}", f"https://{host}")
+
+
+def same_origin(connection: HTTPConnection) -> bool:
+    """Whether a state-changing browser request comes from this site: by Origin, else by the
+    Referer's origin, else by Fetch metadata. A request with none of them is no browser's
+    cross-site request (browsers send Origin on every cross-site POST)."""
+    origin = connection.headers.get("origin")
+    if origin is not None:
+        return own_origin(connection, origin)
+    referer = connection.headers.get("referer")
+    if referer:
+        scheme, sep, rest = referer.partition("://")
+        return bool(sep) and own_origin(connection, f"{scheme}://{rest.split('/', 1)[0]}")
+    return connection.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
 def request_token(connection: HTTPConnection) -> str | None:
@@ -177,6 +186,20 @@ def user_from_request(connection: HTTPConnection, db: Database) -> User | None:
     """The caller, by bearer token or session cookie; None when not authenticated."""
     token = request_token(connection)
     return None if token is None else authenticate(db, token)
+
+
+def end_session(db: Database, token: str | None) -> None:
+    """Revoke a browser session token (only a "session" token: never an API token that was
+    put in the cookie by hand)."""
+    if not token:
+        return
+
+    def revoke(session: object) -> None:
+        row = accounts.find_token(session=session, token=token)  # type: ignore[arg-type]
+        if row is not None and row.name == "session" and row.id is not None:
+            accounts.revoke_token(session=session, token_id=row.id)  # type: ignore[arg-type]
+
+    write(db, revoke)
 
 
 async def current_user(request: Request, db: Annotated[Database, Depends(get_db)]) -> User:

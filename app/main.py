@@ -1,7 +1,7 @@
 """The prefloop web service: `create_app(settings)` builds the FastAPI app.
 
-One process serves the REST API (/api), the login page (/login), /healthz, the OpenAPI docs
-(/docs) and the deployed policy through an OpenAI-compatible endpoint (/v1,
+One process serves the REST API (/api), the login page (/login), /healthz, the OpenAPI schema
+(/openapi.json) and the deployed policy through an OpenAI-compatible endpoint (/v1,
 app/routes/openai_api.py, following the store's deployed version with app/deploy.py). The
 labeling UI (/label) and the admin view (/admin) are Gradio apps mounted by the caller through
 `ui=` (labeling.ui.mount_labeling_ui), so the service never imports the UI built on top of it.
@@ -14,7 +14,6 @@ Nothing is built at import; `prefloop up` (loop/commands.py) opens the store and
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -29,14 +29,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import user_from_request
+from app.auth import SESSION_COOKIE, end_session, user_from_request
+from app.errors import error_body, install_error_handlers
 from app.ratelimit import FailureWindow, TokenBucket
 from app.schemas import Health
 from app.settings import Settings, get_settings
+from app.web_security import GRADIO_LOGOUT, ContentSecurityPolicy, gradio_path_off
 from store import __version__
 from store.db import Database
 from store.errors import StoreError
 
+GRADIO_MOUNTS = ("/label", "/admin")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -58,7 +61,7 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await _send_json(send, 413, f"request body over {self.limit} bytes")
+            await _send_json(send, scope, 413, f"request body over {self.limit} bytes")
             return
         seen = 0
 
@@ -73,15 +76,15 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await _send_json(send, 413, f"request body over {self.limit} bytes")
+            await _send_json(send, scope, 413, f"request body over {self.limit} bytes")
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _send_json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send: Send, scope: Scope, status: int, detail: str) -> None:
+    body = error_body(scope.get("path", ""), status, detail)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -117,8 +120,9 @@ class RequestContext:
 
 class AreaGate:
     """Everything under /label needs a logged-in account and /admin an admin, checked before
-    Gradio sees the request (some Gradio endpoints do not check auth themselves). Other paths
-    pass straight through."""
+    Gradio sees the request (some Gradio endpoints do not check auth themselves); the Gradio
+    endpoints the UI does not use (uploads, monitoring, ...: web_security.GRADIO_OFF) are 404
+    for everyone, and Gradio's logout ends the prefloop session. Other paths pass through."""
 
     def __init__(self, app: ASGIApp, db: Database):
         self.app, self.db = app, db
@@ -131,6 +135,15 @@ class AreaGate:
             await self.app(scope, receive, send)
             return
         connection = HTTPConnection(scope)
+        rest = path[len(area) + 1:]
+        if rest == GRADIO_LOGOUT and scope["type"] == "http":
+            # Gradio's own logout only forgets Gradio's cookies: end the prefloop session.
+            from app.routes.pages import logged_out
+
+            await run_in_threadpool(end_session, self.db, connection.cookies.get(
+                SESSION_COOKIE))
+            await logged_out()(scope, receive, send)
+            return
         user = await run_in_threadpool(user_from_request, connection, self.db)
         response: Any = None
         if user is None:
@@ -140,6 +153,8 @@ class AreaGate:
                         else JSONResponse({"detail": "not authenticated"}, status_code=401))
         elif area == "admin" and not user.is_admin:
             response = JSONResponse({"detail": "this needs an admin account"}, status_code=403)
+        elif gradio_path_off(rest):
+            response = JSONResponse({"detail": "not available here"}, status_code=404)
         if response is not None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
@@ -180,7 +195,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
         if owns_db:
             store.dispose()
 
-    app = FastAPI(title="prefloop", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's pages load Swagger UI / ReDoc from a CDN and no installed
+    # package ships those assets; the schema stays at /openapi.json.
+    app = FastAPI(title="prefloop", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Preference labeling service: tasks, labels, accounts, and the "
                   "deployed policy at /v1 (OpenAI-compatible).")
     app.state.settings = settings
@@ -188,6 +206,12 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
     app.state.deployments = deployments
     app.state.submit_limiter = TokenBucket(settings.submit_rate_per_s, settings.submit_burst)
     app.state.login_limiter = FailureWindow(settings.login_attempts, settings.login_window_s)
+    app.state.address_limiter = FailureWindow(settings.login_attempts_per_address,
+                                              settings.login_window_s)
+    # Inline scripts the UI adds (their CSP hashes); mount_labeling_ui appends its own.
+    app.state.csp_script_hashes = script_hashes = list[str]()
+
+    install_error_handlers(app)
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
@@ -220,6 +244,11 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None,
     app.add_middleware(AreaGate, db=store)
     if ui is not None:
         ui(app)
+    # A CORS policy of the app's own (no other origin, no credentials): without one, Gradio
+    # adds its own, which reflects any Origin with credentials when the host is not local.
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
+    app.add_middleware(ContentSecurityPolicy, script_hashes=script_hashes,
+                       gradio_prefixes=GRADIO_MOUNTS)
     app.add_middleware(RequestContext)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

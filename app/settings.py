@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.web_security import parse_networks
 
 DEFAULT_DATA_DIR = Path("prefloop-data")
 
@@ -56,8 +58,16 @@ class Settings(BaseSettings):
 
     # Abuse limits
     login_attempts: int = Field(default=10, ge=1, description="Failed logins allowed per "
-                                "account and per client address in login_window_s.")
+                                "(account, client address) in login_window_s; beyond, that "
+                                "address gets 429 for that account (others are not locked out).")
+    login_attempts_per_address: int = Field(default=50, ge=1, description="Failed logins "
+                                            "allowed per client address (any account) in "
+                                            "login_window_s.")
     login_window_s: float = Field(default=900.0, gt=0)
+    trusted_proxies: str = Field(default="", description="Comma-separated IP addresses or "
+                                 "networks of reverse proxies whose X-Forwarded-For is "
+                                 "believed (client address for login limits); empty: none, the "
+                                 "peer address is the client.")
     submit_rate_per_s: float = Field(default=5.0, gt=0, description="Sustained label submits "
                                      "per second allowed per annotator.")
     submit_burst: int = Field(default=20, ge=1, description="Submits an annotator may make at "
@@ -110,6 +120,15 @@ class Settings(BaseSettings):
     serving_reject_failed: bool = Field(default=True, description="A version that fails to "
                                         "load or smoke-generate is marked rejected (and its "
                                         "predecessor deployed again) in the store.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # ValueError naming the bad entry
+        return value
+
+    def trusted_networks(self) -> tuple[Any, ...]:
+        return parse_networks(self.trusted_proxies)
 
     @model_validator(mode="after")
     def _upstream_needs_url(self) -> Settings:

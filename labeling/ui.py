@@ -26,6 +26,7 @@ from app.auth import user_from_request
 from app.ratelimit import TokenBucket
 from app.schemas import LabelIn, TaskView
 from app.settings import Settings
+from app.web_security import script_hash
 from labeling.render import CODE_CSS, render_content
 from store.db import Database
 from store.errors import StoreError
@@ -51,7 +52,7 @@ UI_CSS = CODE_CSS + """
 """
 
 # Keyboard shortcuts. Buttons are clicked by id, so a key does exactly what the click does.
-HEAD = """<script>
+KEYS_SCRIPT = """
 (() => {
   if (window.__prefloopKeys) return;
   window.__prefloopKeys = true;
@@ -80,7 +81,8 @@ HEAD = """<script>
     if (ids && press(ids)) e.preventDefault();
   });
 })();
-</script>"""
+"""
+HEAD = f"<script>{KEYS_SCRIPT}</script>"
 
 
 def _fresh_state(kind: str) -> dict[str, Any]:
@@ -322,6 +324,11 @@ def mount_labeling_ui(app: FastAPI) -> None:
     from app.admin import build_admin
 
     state = app.state
+    # The keyboard script is an inline script the Gradio frontend inserts itself: the page's
+    # Content-Security-Policy allows exactly this text (app/web_security.py).
+    hashes = getattr(state, "csp_script_hashes", None)
+    if hashes is not None:
+        hashes.append(script_hash(KEYS_SCRIPT))
 
     def username(request: Request) -> str | None:
         user = getattr(request.state, "user", None)

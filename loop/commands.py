@@ -250,14 +250,16 @@ def up(
         envvar="PREFLOOP_RUNS_DIR", help="Where scheduled rounds write their runs.")
     ] = Path("runs"),
 ) -> None:
-    """Serve the API (/api), labeling UI (/label), admin view (/admin), docs (/docs) and the
-    deployed policy (/v1); with --rounds-every/--rounds-cron/--rounds-after-labels, also run
-    training rounds on that schedule (at most one at a time, across processes)."""
+    """Serve the API (/api), labeling UI (/label), admin view (/admin), the OpenAPI schema
+    (/openapi.json) and the deployed policy (/v1); with --rounds-every/--rounds-cron/
+    --rounds-after-labels, also run training rounds on that schedule (at most one at a time,
+    across processes)."""
     import os
 
     import uvicorn
 
     from app.main import create_app
+    from app.web_security import UVICORN_OPTIONS
     from labeling.ui import mount_labeling_ui
     from store import assignment
 
@@ -274,6 +276,9 @@ def up(
                f"policy serving at /v1: {settings.serving})")
     options: dict[str, Any] = {"host": host, "port": port, "log_level": log_level,
                                "access_log": False, "timeout_graceful_shutdown": 5}
+    # uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 before the app sees the
+    # request; the app decides whom to believe (PREFLOOP_TRUSTED_PROXIES).
+    options.update(UVICORN_OPTIONS)
     if scheduler is not None:
         # The scheduler lives in this (the main) process only; the round lock in the store
         # keeps it to one round at a time even if another process schedules too.

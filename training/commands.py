@@ -1,5 +1,5 @@
-"""`prefloop train {sft,rm,dpo,kto,ppo,grpo,rs,online-dpo}` and `prefloop plot`: flags in, one
-training call out.
+"""`prefloop train {sft,rm,dpo,kto,ppo,grpo,rs,online-dpo,merge}` and `prefloop plot`: flags in,
+one training call out.
 
     prefloop export --format trl-preference --out prefs.jsonl
     prefloop train dpo --data prefs.jsonl --model smollm2-135m-instruct --out runs/dpo1 \
@@ -9,14 +9,16 @@ training call out.
     prefloop train grpo --prompts prompts.jsonl --model smollm2-135m-instruct --out runs/grpo1 \
         --reward rule:format+accuracy
     prefloop plot runs/dpo1
+    prefloop train merge --adapter runs/dpo1 --out models/dpo1-merged
 
 torch, transformers, ray and deepspeed are imported inside the commands, so `prefloop --help`
 stays fast. Bad input exits with code 2 and one `error:` line; a run that fails part-way (e.g. a
-Ray role died) exits with code 1.
+Ray role died, or the --ray-address cluster cannot be joined) exits with code 1.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,7 +68,21 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 PromptsOpt = Annotated[Path, typer.Option(help="JSONL prompts: {\"prompt\": str | messages, "
                                           "\"answer\": optional reference}.")]
 RayAddressOpt = Annotated[str | None, typer.Option(
-    "--ray-address", help="A Ray cluster (ray://head:10001 or auto); default: a local Ray.")]
+    "--ray-address", help="A Ray cluster to join: HOST:6379 (its GCS, from a machine inside the "
+    "cluster), auto (the cluster this machine belongs to), or ray://HOST:10001 (Ray Client; "
+    # (a backslash before [ escapes rich markup, which would take "[client]" for a style tag)
+    "needs pip install \"ray\\[client]\"). Default: a local Ray.")]
+RayTimeoutOpt = Annotated[float | None, typer.Option(
+    "--ray-connect-timeout", min=0.1, help="Seconds to wait for the --ray-address cluster before "
+    "failing (default: PREFLOOP_RAY_CONNECT_TIMEOUT, else 30).")]
+
+
+def _set_ray_timeout(seconds: float | None) -> None:
+    """The flag is the process's setting: every ensure_ray of this command reads it."""
+    if seconds is not None:
+        from training.raycluster import CONNECT_TIMEOUT_ENV
+
+        os.environ[CONNECT_TIMEOUT_ENV] = repr(seconds)
 
 
 # ------------------------------------------------------------------------------ offline
@@ -134,6 +150,7 @@ def ppo_command(
     colocate: Annotated[list[str] | None, typer.Option(
         help="Roles sharing one Ray actor: actor,ref and/or critic,reward (repeatable).")] = None,
     ray_address: RayAddressOpt = None,
+    ray_connect_timeout: RayTimeoutOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -141,7 +158,9 @@ def ppo_command(
     from training.models import ModelNotFoundError
     from training.ppo import PPOError, run_ppo
     from training.ray_roles import RoleError
+    from training.raycluster import RayConnectError
 
+    _set_ray_timeout(ray_connect_timeout)
     _check_file(prompts, "prompts")
     if config is not None:
         _check_file(config, "config")
@@ -154,7 +173,7 @@ def ppo_command(
     except (ValueError, ModelNotFoundError) as exc:
         # PPOConfigError, OnlineDataError (prompts), RewardSpecError: all ValueErrors
         raise _fail(str(exc)) from None
-    except (PPOError, RoleError) as exc:
+    except (PPOError, RoleError, RayConnectError) as exc:
         raise _fail(str(exc), code=1) from None
     _report(result)
 
@@ -170,9 +189,11 @@ def _online_command(algo: str) -> Callable[..., None]:
         config: ConfigOpt = None,
         set_: SetOpt = None,
         ray_address: RayAddressOpt = None,
+        ray_connect_timeout: RayTimeoutOpt = None,
     ) -> None:
         from training.online import run_online
 
+        _set_ray_timeout(ray_connect_timeout)
         _check_file(prompts, "prompts")
         if config is not None:
             _check_file(config, "config")
@@ -186,7 +207,7 @@ def _online_command(algo: str) -> Callable[..., None]:
             raise _fail(str(exc)) from None
         except FileNotFoundError as exc:  # e.g. ModelNotFoundError
             raise _fail(str(exc)) from None
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # incl. RayConnectError: the cluster cannot be joined
             raise _fail(str(exc), code=1) from None
         _report(result)
 
@@ -200,6 +221,47 @@ for _mode in OFFLINE_MODES:
 train_app.command("ppo")(ppo_command)
 for _algo in ONLINE_ALGOS:
     train_app.command(_algo)(_online_command(_algo))
+
+
+def _adapter_folder(source: Path) -> Path:
+    """The adapter folder of a run folder (its model/) or the folder itself."""
+    if (source / "adapter_config.json").is_file():
+        return source
+    if (source / "model" / "adapter_config.json").is_file():
+        return source / "model"
+    if (source / "model" / "config.json").is_file():
+        raise _fail(f"{source / 'model'} is already a full model folder: nothing to merge")
+    raise _fail(f"{source} is neither a LoRA adapter folder (adapter_config.json) nor a run "
+                "folder whose model/ is one")
+
+
+def merge_command(
+    adapter: Annotated[Path, typer.Option(help="A LoRA run folder (prefloop train ... on CPU) "
+                                          "or an adapter folder (adapter_config.json).")],
+    out: Annotated[Path, typer.Option(help="The full Hugging Face folder to write (weights, "
+                                      "config, tokenizer; no adapter_config.json).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds files.")
+                         ] = False,
+) -> None:
+    """Merge a LoRA adapter into its base: a full model folder for plain transformers or vLLM."""
+    folder = _adapter_folder(adapter)
+    target = out.resolve()
+    if target == folder.resolve() or folder.resolve() in target.parents:
+        raise _fail(f"--out {out} is inside the adapter folder {folder}; choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise _fail(f"--out {out} already exists and is not empty (pass --overwrite to replace "
+                    "it)")
+    from training.models import ModelNotFoundError, merge_adapter, resolve_adapter_base
+
+    try:
+        base = resolve_adapter_base(folder)  # fails before anything is loaded or written
+        merged = merge_adapter(folder, out)
+    except ModelNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{merged}: {folder} merged onto {base}")
+
+
+train_app.command("merge")(merge_command)
 
 
 def plot_command(

@@ -147,7 +147,7 @@ class Learner:
 
     def save_full_model(self, run_dir: Path) -> Path:
         """Write run_dir/model as a FULL model folder (LoRA merged into a fresh model)."""
-        from training.models import merge_adapter
+        from training.models import merge_adapter, record_adapter_base
 
         final = run_dir / "model"
         if self.lora:
@@ -155,6 +155,7 @@ class Learner:
             shutil.rmtree(adapter, ignore_errors=True)
             self.model.save_pretrained(adapter)
             self.tokenizer.save_pretrained(adapter)
+            record_adapter_base(adapter)
             return merge_adapter(adapter, final)
         tmp = run_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)

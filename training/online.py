@@ -60,9 +60,10 @@ def _rollout_dtype(config: OnlineConfig, learner: Learner) -> str:
     return "bfloat16" if bf16_supported(learner.device) else "float32"
 
 
-def _start_engine(config: OnlineConfig, dtype: str, ray_address: str | None
-                  ) -> tuple[RolloutEngine, Callable[[], None]]:
-    """The rollout engine (a Ray actor unless rollout_actor is false) and how to stop it."""
+def _start_engine(config: OnlineConfig, dtype: str, ray_address: str | None,
+                  joined_ray: bool = False) -> tuple[RolloutEngine, Callable[[], None]]:
+    """The rollout engine (a Ray actor unless rollout_actor is false) and how to stop it
+    (`joined_ray`: this run already joined the cluster, so it leaves it at the end)."""
     engine_kwargs: dict[str, Any] = {"dtype": dtype}
     if config.rollout_engine == "hf":
         engine_kwargs["batch_size"] = config.rollout_batch_size
@@ -75,7 +76,7 @@ def _start_engine(config: OnlineConfig, dtype: str, ray_address: str | None
     from training.raycluster import ensure_ray, shutdown_ray
     from training.rollout_ray import RayRolloutEngine
 
-    started_ray = not ray.is_initialized()
+    started_ray = joined_ray or not ray.is_initialized()
     ensure_ray(ray_address)
     threads = config.rollout_threads or os.cpu_count() or 1
     engine = RayRolloutEngine(config.rollout_engine, config.model, num_cpus=1,
@@ -121,6 +122,8 @@ def train_online(config: OnlineConfig, *, ray_address: str | None = None,
 
     Raises:
         OnlineDataError, ConfigError, RewardSpecError: bad input, before any model is loaded.
+        RayConnectError: the cluster at ray_address cannot be joined (before anything is
+            written).
     """
     import torch
     from tqdm.auto import tqdm
@@ -132,6 +135,17 @@ def train_online(config: OnlineConfig, *, ray_address: str | None = None,
     run_dir = Path(config.out)
     if (run_dir / "config.json").exists() or (run_dir / "model").exists():
         raise ConfigError(f"{run_dir} already holds a run; choose another out folder")
+    from training.models import resolve_model
+
+    resolve_model(config.model)  # a missing model folder is refused before the run folder exists
+    joined_ray = False
+    if ray_address and config.rollout_actor:  # joined (or refused) before anything is written
+        import ray
+
+        from training.raycluster import ensure_ray
+
+        joined_ray = not ray.is_initialized()
+        ensure_ray(ray_address)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
     for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
@@ -142,7 +156,7 @@ def train_online(config: OnlineConfig, *, ray_address: str | None = None,
     learner = Learner(config, needs_reference, prompts=[row.prompt for row in rows])
     dtype = _rollout_dtype(config, learner)
     sync_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
-    engine, stop_engine = _start_engine(config, dtype, ray_address)
+    engine, stop_engine = _start_engine(config, dtype, ray_address, joined_ray)
     update = {"grpo": grpo_update, "rs": rs_update, "online-dpo": dpo_update}[config.algo]
     run_info: dict[str, Any] = {
         "algo": config.algo, "prompts": config.prompts, "num_prompts": len(rows),

@@ -10,6 +10,7 @@ print(uses_lora('auto', torch.device('cpu')))"
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from training.config_reader import ConfigError
@@ -72,9 +73,13 @@ def load_causal_lm(name_or_path: str, attention: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.models import resolve_model
+    from training.models import load_adapter, resolve_model
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=torch.float32,
+    path = resolve_model(name_or_path)
+    if (Path(path) / "adapter_config.json").is_file():  # start from a saved LoRA run: merged
+        return load_adapter(path, AutoModelForCausalLM, dtype=torch.float32,
+                            attn_implementation=attention)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 attn_implementation=attention)
 
 

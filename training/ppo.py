@@ -287,6 +287,8 @@ class PPOTrainer:
         from training.raycluster import ensure_ray
 
         cfg = self.cfg
+        if self.ray_address:  # joined (or refused, RayConnectError) before anything is written
+            ensure_ray(self.ray_address)
         resume_from = self._prepare_run_dir()
         cfg.save(self.run_dir / "config.json")
         ensure_ray(self.ray_address)
@@ -397,6 +399,8 @@ def run_ppo(*, prompts: str, model: str, reward_model: str | None, out: str,
         PPOConfigError, OnlineDataError, RewardSpecError, ModelNotFoundError: bad config, prompts,
             reward spec or model (all before Ray starts).
         PPOError: a run that cannot continue (a role died and no retry is left, ...).
+        RayConnectError: the cluster at ray_address cannot be joined (before anything is
+            written).
     """
     cfg = resolve_ppo_config(prompts=prompts, model=model, reward_model=reward_model, out=out,
                              critic_init=critic_init, config_path=config_path,

@@ -177,15 +177,15 @@ def load_scalar_model(path: str, pad_token_id: int) -> Any:
     (training.models.load_reward_backbone).
     """
     import torch
+    from transformers import AutoModelForSequenceClassification
 
-    from training.models import load_reward_backbone
+    from training.models import load_adapter, load_reward_backbone
 
     resolved = resolve_model_folder(path)
     if (Path(resolved) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(
-            resolved, num_labels=1, dtype=torch.float32).merge_and_unload()
+        # Through training.models: the adapter's base is found even after the folder moved.
+        model = load_adapter(resolved, AutoModelForSequenceClassification, num_labels=1,
+                             dtype=torch.float32)
         model.config.pad_token_id = pad_token_id
         return model
     return load_reward_backbone(resolved, pad_token_id, dtype=torch.float32)

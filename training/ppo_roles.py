@@ -322,8 +322,11 @@ class ActorRole(_TrainedRole):
 
     def save_checkpoint_model(self, folder: str) -> None:
         """Checkpoint copy: the LoRA adapter (small) or the full model, with the tokenizer."""
+        from training.models import record_adapter_base
+
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        record_adapter_base(folder)
 
     def save_full_model(self, folder: str) -> None:
         """A FULL Hugging Face folder (LoRA merged into a freshly loaded model, which generates

@@ -68,8 +68,14 @@ def reward_model_folder(path: str) -> Path:
     """The model folder of a reward model: a `prefloop train rm` run dir (its model/) or a
     Hugging Face folder (full weights or a LoRA adapter)."""
     folder = Path(path).expanduser()
-    if (folder / "model").is_dir() and not (folder / "config.json").exists():
-        folder = folder / "model"
+    inner = folder / "model"
+    # A run folder also holds a config.json (its TrainConfig), so "has config.json" does not tell
+    # a model folder from a run folder: holding weights or an adapter does.
+    holds_model = (folder / "adapter_config.json").exists() or any(
+        folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not holds_model and ((inner / "config.json").exists()
+                            or (inner / "adapter_config.json").exists()):
+        folder = inner
     if not ((folder / "config.json").exists() or (folder / "adapter_config.json").exists()):
         raise RewardSpecError(f"reward model {path!r}: no model folder (config.json or "
                               "adapter_config.json) found")
@@ -95,15 +101,13 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from training.models import load_tokenizer
+        from training.models import load_adapter, load_tokenizer
 
         folder = reward_model_folder(path)
         tokenizer = load_tokenizer(str(folder))
         if (folder / "adapter_config.json").exists():
-            from peft import AutoPeftModelForSequenceClassification
-
-            model = AutoPeftModelForSequenceClassification.from_pretrained(
-                str(folder), num_labels=1, dtype=torch.float32).merge_and_unload()
+            model = load_adapter(folder, AutoModelForSequenceClassification, num_labels=1,
+                                 dtype=torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(folder), num_labels=1, dtype=torch.float32)

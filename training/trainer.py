@@ -47,7 +47,12 @@ from training.data_parallel import (
     shard,
     sum_over_ranks,
 )
-from training.models import load_reward_backbone, load_tokenizer, resolve_model
+from training.models import (
+    load_reward_backbone,
+    load_tokenizer,
+    record_adapter_base,
+    resolve_model,
+)
 from training.offline_batch import MicroBatch, Reference, reference_logps
 from training.optim import lr_schedule, optimizer_step
 from training.policy import (
@@ -358,6 +363,7 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
             model.save_pretrained(folder)
         if ranks.is_main:
             tokenizer.save_pretrained(folder)
+            record_adapter_base(folder)  # a LoRA folder that still loads once moved
 
     def save_checkpoint_contents(folder: Path) -> None:
         save_model(folder)

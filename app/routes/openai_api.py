@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.auth import AdminUser, CurrentUser
 from app.deploy import DEPLOYED_ALIAS, DeploymentManager
+from app.errors import TOO_DEEP, openai_error, unencodable
 from app.policy_engine import (
     Delta,
     Done,
@@ -45,12 +46,18 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOP = 4
 MAX_N = 8
 SEED_MAX = 2**63 - 1
-# Parameters of OpenAI's API this server does not implement: refused with a clear 400 when
-# set to anything but their neutral value, rather than silently ignored.
-UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logit_bias": None,
-               "logprobs": (None, False), "top_logprobs": None, "echo": (None, False),
-               "suffix": None, "best_of": (None, 1), "presence_penalty": (None, 0, 0.0),
-               "frequency_penalty": (None, 0, 0.0), "audio": None, "modalities": None}
+# Parameters of OpenAI's API this server does not implement. They are refused with a 400 that
+# names them, unless set to the value that means "off" (what this server does anyway); any other
+# parameter it does not know is refused too, so nothing a client sends is silently ignored.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+    "function_call": (None, "none"), "parallel_tool_calls": (None,), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "audio": (None,), "modalities": (None, ["text"]),
+    "response_format": (None, {"type": "text"}),
+}
+STREAM_OPTIONS = frozenset({"include_usage"})
 
 
 class _Body(BaseModel):
@@ -78,16 +85,17 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
 
 class ChatCompletionBody(_Body):
@@ -107,10 +115,8 @@ class CompletionBody(_Body):
 
 
 def _error(status: int, message: str, error_type: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": error_type, "param": None,
-                                   "code": None}, "detail": message},
-                        status_code=status, headers=headers)
+           headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return openai_error(status, message, error_type, param=param, headers=headers)
 
 
 def _serving_error(exc: ServingError) -> JSONResponse:
@@ -125,24 +131,38 @@ def _manager(request: Request) -> DeploymentManager | None:
 
 async def _parse(request: Request, schema: type[_Body]) -> _Body | JSONResponse:
     try:
-        raw = await request.json()
+        raw = json.loads(await request.body())
+    except RecursionError:
+        return _error(400, TOO_DEEP)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(400, "the body must be a JSON object")
     if not isinstance(raw, dict):
         return _error(400, "the body must be a JSON object")
+    bad = unencodable(raw)
+    if bad is not None:
+        # A lone surrogate ("\ud800") cannot be tokenized or sent upstream; NaN is not JSON.
+        return _error(400, f"{bad}: not valid text (a lone UTF-16 surrogate) or not a finite "
+                      "number", param=bad)
     try:
         body = schema.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                             for e in exc.errors()[:5])
-        return _error(400, f"invalid request: {problems}")
-    for name, neutral in UNSUPPORTED.items():
-        value = (body.model_extra or {}).get(name, getattr(body, name, None))
-        allowed = neutral if isinstance(neutral, tuple) else (neutral,)
-        if value not in allowed and value != [] and value != {}:
-            return _error(400, f"{name!r} is not supported by this server")
+        errors = exc.errors()
+        where = [".".join(str(p) for p in e["loc"]) or "body" for e in errors[:5]]
+        problems = "; ".join(f"{w}: {e['msg']}" for w, e in zip(where, errors, strict=False))
+        return _error(400, f"invalid request: {problems}", param=where[0] if where else None)
+    for name, value in (body.model_extra or {}).items():
+        if value not in NEUTRAL.get(name, ()):
+            why = ("is not supported by this server" if name in NEUTRAL
+                   else "is not a parameter this server implements")
+            return _error(400, f"{name!r} {why}; remove it", param=name)
+    unknown = sorted(set(body.stream_options or {}) - STREAM_OPTIONS)
+    if unknown:
+        return _error(400, f"stream_options {unknown[0]!r} is not supported by this server",
+                      param=f"stream_options.{unknown[0]}")
+    if body.stream_options is not None and not body.stream:
+        return _error(400, "stream_options needs stream: true", param="stream_options")
     if body.stream and (body.n or 1) > 1:
-        return _error(400, "stream with n > 1 is not supported")
+        return _error(400, "stream with n > 1 is not supported", param="n")
     return body
 
 

@@ -1,7 +1,9 @@
 """Browser pages outside Gradio: the login form (which issues the session cookie) and logout.
 
 Accounts are the API accounts: a person logs in with their account name and the token that
-`prefloop users add` printed. Failed logins are limited per account and per client address.
+`prefloop users add` printed. Failed logins are limited per (account, client address) and per
+client address (behind PREFLOOP_TRUSTED_PROXIES, the forwarded address); a login posted from
+another site (Origin / Referer) is refused (login CSRF).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.annotation import write
-from app.auth import SESSION_COOKIE, Store, authenticate
+from app.auth import SESSION_COOKIE, Store, authenticate, end_session, same_origin
+from app.web_security import client_address
 from store import accounts
 
 router = APIRouter(include_in_schema=False)
@@ -69,19 +72,26 @@ def login(request: Request, db: Store, name: Annotated[str, Form(max_length=200)
           token: Annotated[str, Form(max_length=200)],
           next: Annotated[str | None, Form(max_length=500)] = None) -> Response:
     """Check name + token, then set a short-lived session cookie and go to the UI."""
-    limiter = request.app.state.login_limiter
-    client = request.client.host if request.client else "unknown"
-    keys = (f"account:{name.strip().lower()}", f"ip:{client}")
-    wait = limiter.blocked_for(*keys)
+    if not same_origin(request):
+        # Login CSRF: another site must not log a browser in to an account of its choosing.
+        return _page(_safe_next(next), "This login form was sent from another site.", 403)
+    settings = request.app.state.settings
+    client = client_address(request, settings.trusted_networks())
+    # Failures count per (account, address) and per address: someone failing for "ann" from
+    # one address locks out that address, never ann herself from everywhere else.
+    pair = f"account:{name.strip().lower()}@{client}"
+    address = f"ip:{client}"
+    wait = max(request.app.state.login_limiter.blocked_for(pair),
+               request.app.state.address_limiter.blocked_for(address))
     if wait > 0:
         blocked = _page(_safe_next(next), "Too many failed attempts; try again later.", 429)
         blocked.headers["Retry-After"] = str(max(1, round(wait)))
         return blocked
     user = authenticate(db, token)
     if user is None or user.name != name.strip():
-        limiter.record_failure(*keys)
+        request.app.state.login_limiter.record_failure(pair)
+        request.app.state.address_limiter.record_failure(address)
         return _page(_safe_next(next), "Unknown account or token.", 401)
-    settings = request.app.state.settings
     ttl = timedelta(hours=settings.session_ttl_hours)
     session_token, _ = write(db, lambda s: accounts.issue_token(
         session=s, annotator_id=user.id, ttl=ttl, name="session"))
@@ -92,17 +102,15 @@ def login(request: Request, db: Store, name: Annotated[str, Form(max_length=200)
     return response
 
 
-@router.post("/logout")
-def logout(request: Request, db: Store) -> Response:
-    """End the browser session (its token is revoked, not just forgotten)."""
-    token = request.cookies.get(SESSION_COOKIE)
-    if token:
-        def revoke(session: object) -> None:
-            row = accounts.find_token(session=session, token=token)  # type: ignore[arg-type]
-            if row is not None and row.name == "session" and row.id is not None:
-                accounts.revoke_token(session=session, token_id=row.id)  # type: ignore[arg-type]
-        write(db, revoke)
+def logged_out() -> Response:
+    """To the login page, with the session cookie gone."""
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
+
+@router.post("/logout")
+def logout(request: Request, db: Store) -> Response:
+    """End the browser session (its token is revoked, not just forgotten)."""
+    end_session(db, request.cookies.get(SESSION_COOKIE))
+    return logged_out()

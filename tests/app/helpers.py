@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from sqlmodel import select
 
+from app.web_security import UVICORN_OPTIONS
 from store import accounts, repo
 from store.db import Database
 from store.models import Label, Role, Task, TaskKind, TaskLease
@@ -35,10 +36,12 @@ def add_task(db: Database, kind: TaskKind = TaskKind.pairwise, *, prompt: Any = 
 
     def write(session: Any) -> int:
         p = repo.get_or_create_prompt(session=session, content=prompt)
+        assert p.id is not None
         ids = [repo.get_or_create_completion(session=session, prompt_id=p.id, content=c,
                                              origin="external:test").id for c in completions]
         task, _ = repo.get_or_create_task(session=session, kind=kind, prompt_id=p.id,
-                                          completion_ids=ids, overlap=overlap, gold=gold,
+                                          completion_ids=[i for i in ids if i is not None],
+                                          overlap=overlap, gold=gold,
                                           priority=priority)
         assert task.id is not None
         return task.id
@@ -78,8 +81,9 @@ def free_port() -> int:
 def live_server(app: FastAPI) -> Iterator[str]:
     """Serve `app` with uvicorn on a free local port in a thread; yields the base URL."""
     port = free_port()
+    # As `prefloop up` runs it: forwarded addresses are the app's business (web_security).
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
+                                           access_log=False, **UVICORN_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -88,6 +88,24 @@ def test_db_commands_report_the_revision(run):
     assert refused.exit_code == 0, refused.output
 
 
+@pytest.mark.parametrize("name, value, says", [
+    ("PREFLOOP_OVERLAP", "abc", "PREFLOOP_OVERLAP: Input should be a valid integer"),
+    ("PREFLOOP_GOLD_RATE", "2", "PREFLOOP_GOLD_RATE: Input should be less than or equal to 1"),
+    ("PREFLOOP_TRUSTED_PROXIES", "10.0.0.300", "'10.0.0.300' is not an IP address"),
+])
+def test_a_bad_setting_is_a_clear_error_naming_the_variable(run, monkeypatch, tmp_path, name,
+                                                            value, says):
+    monkeypatch.setenv(name, value)
+    result = run("import", str(EXAMPLES / "pairwise.jsonl"), "--format", "pairwise")
+    assert result.exit_code == 2
+    assert "error: bad setting" in result.output and says in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.delenv(name)
+    # Nothing was written: the same import afterwards finds an empty store.
+    assert "5 of 5 rows imported" in run("import", str(EXAMPLES / "pairwise.jsonl"),
+                                         "--format", "pairwise").output
+
+
 def test_an_old_schema_is_refused_with_the_upgrade_command(run):
     assert run("db", "upgrade", "0001").exit_code == 0
     result = run("stats")

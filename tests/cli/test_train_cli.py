@@ -143,3 +143,210 @@ def test_ppo_through_the_cli_with_both_colocations(tmp_path, tiny_model_dir, tin
     # the same command again refuses to overwrite the run (before starting Ray)
     again = CliRunner().invoke(cli.app, args[2:], catch_exceptions=False)
     assert again.exit_code == 2 and "already holds a run" in again.output
+
+
+# ------------------------------------------------------------------ prefloop train merge
+
+
+@pytest.fixture(scope="module")
+def lora_run_dir(tmp_path_factory, tiny_model_dir):
+    """A LoRA DPO run trained through the CLI (2 steps; the adapter moved off zero)."""
+    tmp = tmp_path_factory.mktemp("lora-run")
+    runner = CliRunner()
+    db = ["--db", f"sqlite:///{tmp / 'store.db'}"]
+    for args in (["import", str(EXAMPLES / "pairwise.jsonl"), "--format", "pairwise"],
+                 ["export", "--format", "trl-preference", "--out", str(tmp / "prefs.jsonl")],
+                 ["train", "dpo", "--data", str(tmp / "prefs.jsonl"), "--model",
+                  str(tiny_model_dir), "--out", str(tmp / "run"), "--config", str(TINY_CONFIG),
+                  "--set", "max_steps=2", "--set", "lora=on", "--set", "lora_r=4",
+                  "--set", "learning_rate=0.05"]):
+        result = runner.invoke(cli.app, [*db, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    assert (tmp / "run" / "model" / "adapter_config.json").is_file()
+    return tmp / "run"
+
+
+def _logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([[1, 17, 300, 4000, 12, 9]])).logits
+
+
+def test_train_merge_writes_a_full_folder_with_the_adapters_logits(tmp_path, lora_run_dir,
+                                                                   tiny_model_dir):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "cli.py", "train", "merge", "--adapter",
+                           str(lora_run_dir), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(cli.__file__).parent, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # (the last line: importing DeepSpeed, via PEFT, prints an accelerator notice to stdout)
+    assert done.stdout.splitlines()[-1] == \
+        f"{out}: {lora_run_dir / 'model'} merged onto {tiny_model_dir}"
+    assert not (out / "adapter_config.json").exists()
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no PEFT
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    adapter = AutoPeftModelForCausalLM.from_pretrained(lora_run_dir / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    expected = _logits(adapter)
+    assert torch.allclose(_logits(merged), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(base), expected, atol=1e-3, rtol=0)  # LoRA did something
+    assert AutoTokenizer.from_pretrained(out)("Hello").input_ids == \
+        AutoTokenizer.from_pretrained(tiny_model_dir)("Hello").input_ids
+
+
+def test_train_merge_refuses_bad_input_and_writes_nothing(tmp_path, lora_run_dir,
+                                                          tiny_model_dir):
+    import shutil
+
+    runner = CliRunner()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    orphan = tmp_path / "orphan"  # an adapter whose base is gone
+    shutil.copytree(lora_run_dir / "model", orphan)
+    (orphan / "prefloop_base_model.json").write_text(json.dumps(
+        {"original": str(tmp_path / "gone"), "bundled": None, "relative": "../gone"}))
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    (orphan / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    for args, message in [
+        (["--adapter", str(lora_run_dir), "--out", str(busy)],
+         f"--out {busy} already exists and is not empty (pass --overwrite to replace it)"),
+        (["--adapter", str(tiny_model_dir), "--out", str(tmp_path / "a")],
+         f"{tiny_model_dir} is neither a LoRA adapter folder (adapter_config.json) nor a run "
+         "folder whose model/ is one"),
+        (["--adapter", str(lora_run_dir), "--out", str(lora_run_dir / "model" / "m")],
+         f"--out {lora_run_dir / 'model' / 'm'} is inside the adapter folder "
+         f"{lora_run_dir / 'model'}; choose another folder"),
+        (["--adapter", str(orphan), "--out", str(tmp_path / "b")],
+         f"the base model of LoRA adapter {orphan} is not found (tried {tmp_path / 'gone'}, "
+         f"{tmp_path / 'gone'}); put the base there, or merge the adapter where it loads "
+         "(prefloop train merge)"),
+    ]:
+        result = runner.invoke(cli.app, ["train", "merge", *args], catch_exceptions=False)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output == f"error: {message}\n", result.output
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "orphan"]
+    full_run = tmp_path / "busy"  # a run whose model/ is a full folder
+    shutil.copytree(tiny_model_dir, full_run / "model")
+    result = runner.invoke(cli.app, ["train", "merge", "--adapter", str(full_run), "--out",
+                                     str(tmp_path / "c")], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output == (f"error: {full_run / 'model'} is already a full model folder: "
+                             "nothing to merge\n")
+
+
+def test_train_merge_overwrite_replaces_the_folder(tmp_path, lora_run_dir):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    args = ["train", "merge", "--adapter", str(lora_run_dir / "model"), "--out", str(out),
+            "--overwrite"]
+    result = CliRunner().invoke(cli.app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder left
+
+
+# ------------------------------------------------------------------ --ray-address failures
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_cli(args, *, hide_grpc=False):
+    """`prefloop ...` as a subprocess; hide_grpc runs it as if the ray[client] extra (grpcio)
+    were not installed, whatever this environment holds."""
+    prelude = "import sys; sys.modules['grpc'] = None; " if hide_grpc else "import sys; "
+    code = prelude + "sys.argv[0] = 'prefloop'; import cli; cli.main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=600, cwd=Path(cli.__file__).parent, check=False)
+
+
+def _error_lines(done) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_ray_addresses_without_a_cluster_fail_with_a_message_naming_the_address(
+        tmp_path, tiny_model_dir, tiny_rm_dir):
+    prompts = str(_prompts(tmp_path / "prompts.jsonl"))
+    port = _free_port()  # nothing listens there
+    cases = [
+        ("grpo", f"ray://127.0.0.1:{port}",
+         f"error: no Ray cluster at ray://127.0.0.1:{port}: Connection refused"),
+        ("rs", f"127.0.0.1:{port}", f"error: no Ray cluster at 127.0.0.1:{port}: "
+         "Connection refused"),
+        ("ppo", f"127.0.0.1:{port}", f"error: no Ray cluster at 127.0.0.1:{port}: "
+         "Connection refused"),
+        ("online-dpo", "no-port-here", "error: Ray address 'no-port-here' is not "
+         "ray://HOST:PORT, HOST:PORT or auto"),
+    ]
+    for algo, address, message in cases:
+        out = tmp_path / f"run-{algo}"
+        reward = (["--reward-model", str(tiny_rm_dir)] if algo == "ppo"
+                  else ["--reward", "rule:format"])
+        done = _run_cli(["train", algo, "--prompts", prompts, "--model", str(tiny_model_dir),
+                         "--out", str(out), *reward, "--ray-address", address,
+                         "--ray-connect-timeout", "5"])
+        assert done.returncode == 1, (algo, done.stderr[-2000:])
+        assert _error_lines(done) == [message], done.stderr[-2000:]
+        assert not out.exists()  # nothing written
+
+
+def test_ray_client_address_without_the_client_extra_names_the_pip_command(
+        tmp_path, tiny_model_dir):
+    import socket
+
+    with socket.socket() as server:  # something listens: only the missing extra is wrong
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        done = _run_cli(["train", "grpo", "--prompts", str(_prompts(tmp_path / "p.jsonl")),
+                         "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+                         "--ray-address", f"ray://127.0.0.1:{port}"], hide_grpc=True)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert _error_lines(done) == [
+        f"error: ray://127.0.0.1:{port} is a Ray Client address, which needs the ray[client] "
+        'extra: pip install "ray[client]" (or give the cluster\'s GCS address HOST:6379 from '
+        "a machine inside the cluster)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_silent_listener_fails_after_the_connect_timeout(tmp_path, tiny_model_dir):
+    """Something accepts TCP but never speaks Ray: Ray alone would retry for minutes."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        port = server.getsockname()[1]
+        done = _run_cli(["train", "grpo", "--prompts", str(_prompts(tmp_path / "p.jsonl")),
+                         "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+                         "--ray-address", f"127.0.0.1:{port}", "--ray-connect-timeout", "3"])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert _error_lines(done) == [
+        f"error: could not join the Ray cluster at 127.0.0.1:{port} within 3 s (something "
+        "listens there but Ray did not answer; raise PREFLOOP_RAY_CONNECT_TIMEOUT or "
+        "--ray-connect-timeout if it is slow)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_address_help_lists_the_gcs_address_first_and_names_the_client_extra():
+    result = CliRunner().invoke(cli.app, ["train", "grpo", "--help"], catch_exceptions=False)
+    text = " ".join(result.output.replace("│", " ").split())  # rich's box, wrapped lines joined
+    assert result.exit_code == 0
+    assert text.index("HOST:6379") < text.index("ray://HOST:10001")
+    assert 'needs pip install "ray[client]"' in text
+    assert "--ray-connect-timeout" in text

@@ -196,3 +196,62 @@ def test_label_three_kinds_in_browser_and_no_xss(sqlite_db: Database, tmp_path: 
             select(AuditEvent).where(AuditEvent.entity == "label").order_by(AuditEvent.id))]
     assert actions == ["create", "create", "create", "delete", "create"]
     assert page.dialogs == []  # type: ignore[attr-defined]
+
+
+INJECT = """() => {
+  window.__csp = [];
+  document.addEventListener("securitypolicyviolation",
+                            (e) => window.__csp.push(e.violatedDirective));
+  const inline = document.createElement("script");
+  inline.textContent = "window.__inline = 'ran'";
+  document.body.appendChild(inline);
+  const img = document.createElement("div");
+  img.innerHTML = '<img src="data:," onload="window.__handler = 1">';
+  document.body.appendChild(img);
+}"""
+
+
+def _inject_and_report(page: Any) -> list[str]:
+    """Inject an inline script and an inline handler; the CSP violations they caused (the
+    reports arrive asynchronously, so wait for both)."""
+    page.evaluate(INJECT)
+    page.wait_for_function("window.__csp.length >= 2")
+    return sorted(set(page.evaluate("window.__csp")))
+
+
+def test_pages_run_under_a_csp_that_blocks_inline_scripts(sqlite_db: Database, tmp_path: Path,
+                                                          browser_page: Any) -> None:
+    """The labeling page loads and labels under its Content-Security-Policy, with Gradio's
+    own scripts causing no violation; an injected inline script and handler do not run."""
+    db = sqlite_db
+    ann_id, ann_token = add_user(db, "ann")
+    pair = add_task(db, TaskKind.pairwise, prompt="Pick one.", completions=["left", "right"])
+    page = browser_page
+    # Every violation of each document from its start (init scripts are not subject to CSP).
+    page.add_init_script("""window.__page_csp = [];
+document.addEventListener("securitypolicyviolation",
+                          (e) => window.__page_csp.push(e.violatedDirective + " " + e.blockedURI));
+""")
+    with live_server(create_app(Settings(data_dir=tmp_path), db=db,
+                                ui=mount_labeling_ui)) as base:
+        login = page.goto(f"{base}/login")
+        assert "script-src 'self' 'nonce-" in login.headers["content-security-policy"]
+        assert _inject_and_report(page) == ["script-src-attr", "script-src-elem"]
+        assert page.evaluate("[window.__inline, window.__handler]") == [None, None]
+        page.fill("#name", "ann")
+        page.fill("#token", ann_token)
+        page.click("#login")
+        expect(page).to_have_url(f"{base}/label/")
+        expect(page.locator("#resp-a")).to_contain_text("Response A")
+        shown = lease(db, pair, ann_id).shown_order
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("1")  # the keyboard script runs (allowed by its hash)
+        expect(page.locator("#selection")).to_contain_text("A is better")
+        page.locator("#submit").click()
+        expect(_status(page)).to_contain_text("Saved label")
+        [label] = labels_of(db, pair)
+        assert (label.annotator_id, label.choice) == (ann_id, pairwise_shown_to_canonical(
+            "a", shown))
+        assert page.evaluate("window.__page_csp") == []  # Gradio itself broke no rule
+        assert _inject_and_report(page) == ["script-src-attr", "script-src-elem"]
+        assert page.evaluate("[window.__inline, window.__handler]") == [None, None]
