@@ -11,6 +11,13 @@ A version that fails to load or to smoke-generate never takes traffic: the curre
 serving, and (PREFLOOP_SERVING_REJECT_FAILED, default on) the store marks it rejected with the
 reason, which puts its predecessor back as the deployed version.
 
+An upstream server that is not ready (PREFLOOP_SERVING=upstream while vLLM is still loading:
+connection refused, its name not resolvable yet, a connect timeout, 502/503/504) is not a
+failure of the version: nothing is written to the store, the current version (if any) keeps
+serving, and the manager retries with a backoff (the poll interval, doubling, at most
+`upstream_retry_max_s`). Meanwhile `status.state` is "waiting for upstream" and a /v1 request
+with nothing serving yet gets 503 with Retry-After.
+
     manager = DeploymentManager(db, settings); manager.start()
     with manager.lease("deployed") as lease:     # or a version name
         lease.engine.submit(...)
@@ -32,6 +39,7 @@ from app.policy_engine import (
     NoModel,
     ServedPolicy,
     ServingError,
+    UpstreamNotReady,
     generate_blocking,
     make_engine,
 )
@@ -48,6 +56,12 @@ SERVING_ACTOR = "serving"
 
 class SmokeFailed(Exception):
     """A version could not load or answer the smoke prompt in time."""
+
+
+class SmokeNotReady(SmokeFailed):
+    """The smoke test could not run because the upstream server is not ready (UpstreamNotReady):
+    not the version's fault, so the manager retries it instead of rejecting it. A SmokeFailed
+    still, so callers that only check once (`prefloop deploy`) refuse to promote."""
 
 
 class Slot:
@@ -106,6 +120,23 @@ class Refusal:
     at: float
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """The deployed version waits for the upstream server (not a refusal: the store is left
+    alone). `since` is the time.time() of the first failed attempt, `retry_in_s` the backoff
+    before the next one."""
+
+    policy_id: int
+    name: str
+    reason: str
+    since: float
+    attempts: int
+    retry_in_s: float
+
+
+WAITING_FOR_UPSTREAM = "waiting for upstream"
+
+
 @dataclass
 class ServingStatus:
     backend: str
@@ -113,6 +144,15 @@ class ServingStatus:
     previous: ServedPolicy | None = None
     last_switch: Switch | None = None
     refusals: list[Refusal] = field(default_factory=list)
+    waiting: Waiting | None = None
+
+    @property
+    def state(self) -> str:
+        """"waiting for upstream" (the deployed version is retried; the current one, if any,
+        keeps serving), "serving", or "idle" (nothing deployed, or every candidate refused)."""
+        if self.waiting is not None:
+            return WAITING_FOR_UPSTREAM
+        return "serving" if self.current is not None else "idle"
 
 
 def smoke_test(engine: Engine, settings: Settings) -> tuple[str, float]:
@@ -132,6 +172,8 @@ def smoke_test(engine: Engine, settings: Settings) -> tuple[str, float]:
                 engine, GenerationRequest(prompt=settings.serving_smoke_prompt,
                                           max_tokens=request.max_tokens, temperature=0.0),
                 timeout_s=settings.serving_smoke_timeout_s)
+    except UpstreamNotReady as exc:
+        raise SmokeNotReady(f"the upstream server is not ready: {exc}") from exc
     except ServingError as exc:
         raise SmokeFailed(f"smoke generation failed: {exc}") from exc
     if result.completion_tokens == 0 and not result.text:
@@ -161,6 +203,8 @@ def load_with_timeout(policy: ServedPolicy, load: Callable[[ServedPolicy], Engin
         exc = box["error"]
         if isinstance(exc, ImportError):
             raise exc  # the environment, not the version, is at fault
+        if isinstance(exc, UpstreamNotReady):
+            raise SmokeNotReady(f"the upstream server is not ready: {exc}") from exc
         raise SmokeFailed(f"loading failed: {type(exc).__name__}: {exc}") from exc
     return box["engine"], time.monotonic() - started
 
@@ -183,6 +227,8 @@ def prepare(policy: ServedPolicy, settings: Settings,
 class DeploymentManager:
     """Serves the deployed version; see the module docstring."""
 
+    upstream_retry_max_s = 15.0  # the longest wait between two tries of a not-ready upstream
+
     def __init__(self, db: Database, settings: Settings, *,
                  load: Callable[[ServedPolicy], Engine] | None = None):
         self.db = db
@@ -199,6 +245,8 @@ class DeploymentManager:
         # Versions refused in this process (by id), so a failing one is not retried every poll
         # when the store could not be updated.
         self._refused: dict[int, str] = {}
+        self._retry_at = 0.0  # time.monotonic() of the next try of the version that waits
+        self._retry_now = False  # wake(): try a waiting version at once
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -222,7 +270,9 @@ class DeploymentManager:
                 slot.retire()
 
     def wake(self) -> None:
-        """Check the store now instead of at the next poll."""
+        """Check the store now instead of at the next poll (and retry a version waiting for the
+        upstream server without its backoff)."""
+        self._retry_now = True
         self._wake.set()
 
     def _follow(self) -> None:
@@ -261,6 +311,10 @@ class DeploymentManager:
                 slot.acquire()  # under the swap lock: it cannot be retired before this
                 return slot
         if current is None:
+            waiting = self.status.waiting
+            if waiting is not None:
+                raise UpstreamNotReady(f"waiting for the upstream server to serve "
+                                       f"{waiting.name!r} ({waiting.reason}); retry")
             raise NoModel(self._why_not_serving())
         from app.policy_engine import InvalidRequest
 
@@ -294,13 +348,19 @@ class DeploymentManager:
                 row = deployments.deployed(session)
                 target = None if row is None or row.id is None or not row.weights_uri else \
                     ServedPolicy(row.id, row.name, row.base_model, row.weights_uri)
+            waiting, retry_now, self._retry_now = self.status.waiting, self._retry_now, False
             if target is None:
+                self._stop_waiting("nothing is deployed any more")
                 return None  # nothing deployed: keep serving what we have
             current = self._current
             if current is not None and current.policy.id == target.id:
+                self._stop_waiting(f"{target.name!r} is serving")
                 return None
             if target.id in self._refused:
                 return None
+            if (waiting is not None and waiting.policy_id == target.id and not retry_now
+                    and time.monotonic() < self._retry_at):
+                return None  # backing off
             return self._switch_to(target)
 
     def _switch_to(self, target: ServedPolicy) -> Switch | None:
@@ -315,7 +375,11 @@ class DeploymentManager:
             else:
                 engine, switch = prepare(target, self.settings, self._load)
                 slot = Slot(engine)
+        except SmokeNotReady as exc:
+            self._wait_for_upstream(target, str(exc))
+            return None
         except SmokeFailed as exc:
+            self._stop_waiting(None)
             self._refuse(target, str(exc))
             return None
         except ImportError as exc:
@@ -324,6 +388,7 @@ class DeploymentManager:
             self._record_refusal(target, f"cannot load here: {exc} (install the train extra, "
                                  "or set PREFLOOP_SERVING=upstream)")
             return None
+        self._stop_waiting(None)
         with self._swap_lock:
             old_current, old_previous = self._current, self._previous
             self._current = slot
@@ -359,3 +424,28 @@ class DeploymentManager:
         log.warning("refused policy version %s: %s", target.name, reason)
         self.status.refusals = [*self.status.refusals[-9:],
                                 Refusal(target.id, target.name, reason, time.time())]
+
+    def _wait_for_upstream(self, target: ServedPolicy, reason: str) -> None:
+        """Not a refusal: nothing goes to the store; retry after a backoff. Logged when the
+        waiting starts, not at every try."""
+        waiting = self.status.waiting
+        attempts = waiting.attempts + 1 if waiting and waiting.policy_id == target.id else 1
+        poll = self.settings.serving_poll_interval_s
+        delay = min(max(self.upstream_retry_max_s, poll), poll * 2 ** min(attempts - 1, 30))
+        self._retry_at = time.monotonic() + delay
+        self.status.waiting = Waiting(target.id, target.name, reason,
+                                      waiting.since if attempts > 1 and waiting else time.time(),
+                                      attempts, delay)
+        if attempts == 1:
+            log.warning("waiting for the upstream server before serving %s: %s (not a "
+                        "rejection; retrying with a backoff of up to %g s)", target.name,
+                        reason, max(self.upstream_retry_max_s, poll))
+        else:
+            log.debug("%s: the upstream server is still not ready (try %d): %s", target.name,
+                      attempts, reason)
+
+    def _stop_waiting(self, why: str | None) -> None:
+        waiting, self.status.waiting = self.status.waiting, None
+        if waiting is not None:
+            log.info("no longer waiting for the upstream server for %s after %d tries%s",
+                     waiting.name, waiting.attempts, f": {why}" if why else "")
