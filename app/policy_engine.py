@@ -102,6 +102,22 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each generated token's log-probability and the k
+    most likely tokens at its position (OpenAI's `logprobs: true, top_logprobs: k`)."""
+
+
+MIN_LOGPROB = -9999.0  # what -inf is sent as (JSON has no infinity; vLLM's server does the same)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability under the model (before temperature
+    or top-p), and the `top` most likely tokens at that position as (text, log-probability)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,8 @@ class _EngineBase:
     """The request bookkeeping both engines share: refuse new work once closed, wrap a request
     in a Job, hand it to the engine's own scheduling, and turn its outcome into events."""
 
+    supports_logprobs = False  # whether a request may ask for `top_logprobs`
+
     def __init__(self, policy: ServedPolicy):
         self.policy = policy
         self._closed = False
@@ -271,6 +290,8 @@ class _EngineBase:
 
 class HFEngine(_EngineBase):
     """A causal LM in this process, one request at a time from a bounded queue."""
+
+    supports_logprobs = True
 
     def __init__(self, policy: ServedPolicy, *, max_queue: int = 32, device: str = "cpu",
                  dtype: str = "float32"):
@@ -377,11 +398,16 @@ class HFEngine(_EngineBase):
                 torch.manual_seed(request.seed)  # one worker thread per engine: no interleaving
         else:
             options.update(temperature=None, top_p=None, top_k=None)
+        if request.top_logprobs is not None:
+            # The raw logits of each step (before temperature and top-p): OpenAI's and vLLM's
+            # logprobs are the model's own distribution.
+            options.update(output_logits=True, return_dict_in_generate=True)
         input_ids = torch.tensor([prompt_ids], device=self.device)
         with torch.inference_mode():
-            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                           streamer=Streamer(), pad_token_id=tokenizer.pad_token_id,
-                           stopping_criteria=StoppingCriteriaList([Halt()]), **options)
+            output = model.generate(input_ids=input_ids,
+                                    attention_mask=torch.ones_like(input_ids),
+                                    streamer=Streamer(), pad_token_id=tokenizer.pad_token_id,
+                                    stopping_criteria=StoppingCriteriaList([Halt()]), **options)
         if job.cancelled.is_set():
             raise GenerationTimeout("cancelled")
         rest = stop_text.feed(tokenizer.decode(generated, skip_special_tokens=True), final=True)
@@ -390,8 +416,50 @@ class HFEngine(_EngineBase):
         hit_eos = bool(generated) and generated[-1] in eos_ids
         finish: FinishReason = ("stop" if stop_text.stopped or hit_eos
                                 or len(generated) < request.max_tokens else "length")
+        logprobs = None
+        if request.top_logprobs is not None:
+            logprobs = token_logprobs(tokenizer, generated, output.logits, request.top_logprobs,
+                                      text=stop_text.text, eos_ids=eos_ids)
         return Generation(text=stop_text.text, prompt_tokens=len(prompt_ids),
-                          completion_tokens=len(generated), finish_reason=finish)
+                          completion_tokens=len(generated), finish_reason=finish,
+                          logprobs=logprobs)
+
+
+def token_logprobs(tokenizer: Any, generated: Sequence[int], logits: Sequence[Any], k: int, *,
+                   text: str, eos_ids: set[int]) -> tuple[TokenLogprob, ...]:
+    """Each generated token's log-probability and the `k` likeliest tokens at its position,
+    from the per-step logits `generate(output_logits=True)` returns.
+
+    Covers the tokens that spell `text`: an end-of-sequence token, and the tokens after a stop
+    string (generated, but not part of the answer), are left out.
+    """
+    import torch
+
+    count = len(generated)
+    while count and generated[count - 1] in eos_ids:
+        count -= 1
+    if tokenizer.decode(generated[:count], skip_special_tokens=True) != text:
+        # A stop string cut the text: the fewest tokens whose text reaches past its end.
+        low, high = 0, count
+        while low < high:
+            middle = (low + high) // 2
+            if len(tokenizer.decode(generated[:middle], skip_special_tokens=True)) >= len(text):
+                high = middle
+            else:
+                low = middle + 1
+        count = low
+    out = []
+    for step in range(count):
+        logprobs = torch.log_softmax(logits[step][0].float(), dim=-1)
+        token = generated[step]
+        top: tuple[tuple[str, float], ...] = ()
+        if k:
+            values, ids = torch.topk(logprobs, k)
+            top = tuple((tokenizer.decode([int(i)]), max(float(v), MIN_LOGPROB))
+                        for v, i in zip(values.tolist(), ids.tolist(), strict=True))
+        out.append(TokenLogprob(tokenizer.decode([token]),
+                                max(float(logprobs[token]), MIN_LOGPROB), top))
+    return tuple(out)
 
 
 def _as_list(value: Any) -> list[int]:
@@ -402,6 +470,14 @@ def _as_list(value: Any) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Upstream (OpenAI-compatible server) engine
+
+
+class UpstreamNotReady(ServingError):
+    """The upstream server cannot be reached (refused, DNS, connect timeout, hung up before
+    answering) or answers 502/503/504: retry. Never a reason to reject a version."""
+
+    status_code = 503
+    error_type = "upstream_not_ready"
 
 
 class UpstreamEngine(_EngineBase):
@@ -418,6 +494,7 @@ class UpstreamEngine(_EngineBase):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
                                     timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self._unreachable = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
         self._slots = threading.BoundedSemaphore(max_concurrency + max_queue)
         self._running = threading.BoundedSemaphore(max_concurrency)
 
@@ -455,10 +532,16 @@ class UpstreamEngine(_EngineBase):
         path = "/chat/completions" if chat else "/completions"
         text: list[str] = []
         finish, usage = "length", dict[str, Any]()
-        with self._client.stream("POST", path, json=body) as response:
+        try:  # send(stream=True) returns once the headers are in: this catches no mid-stream cut
+            response = self._client.send(self._client.build_request("POST", path, json=body),
+                                         stream=True)
+        except self._unreachable as exc:
+            raise UpstreamNotReady(f"upstream not reachable: {type(exc).__name__}: {exc}") from exc
+        try:
             if response.status_code >= 400:
                 detail = response.read().decode(errors="replace")[:500]
-                error = InvalidRequest if response.status_code in (400, 422) else EngineFailed
+                error = (InvalidRequest if response.status_code in (400, 422) else UpstreamNotReady
+                         if response.status_code in (502, 503, 504) else EngineFailed)
                 raise error(f"upstream answered {response.status_code}: {detail}")
             for line in response.iter_lines():
                 if job.cancelled.is_set():
@@ -479,6 +562,8 @@ class UpstreamEngine(_EngineBase):
                         text.append(piece)
                         job.send(Delta(piece))
                     finish = choice.get("finish_reason") or finish
+        finally:
+            response.close()
         return Generation(text="".join(text), prompt_tokens=int(usage.get("prompt_tokens", 0)),
                           completion_tokens=int(usage.get("completion_tokens", 0)),
                           finish_reason="stop" if finish == "stop" else "length")

@@ -32,6 +32,7 @@ from feedback.config import (
 )
 from feedback.ensemble import combine_ensemble
 from feedback.judge import Decision, flag_injection
+from feedback.label_logprobs import LABEL_MAX_TOKENS
 from feedback.llm import CallFailed, CallResult, ChatEndpoint, backoff_delay
 from feedback.plans import CallSpec, decide_llm, plan_calls
 from feedback.progress import Progress, RunStats
@@ -326,11 +327,16 @@ class BatchRunner:
                                  kinds=config.task_kinds, task_filter=self.task_filter)
         self.stats.tasks_pending = len(views)
         if isinstance(config, LLMJudgeConfig):
+            by_logprobs = config.verdict == "logprobs"
             self._endpoint = ChatEndpoint(
                 model=config.model, base_url=config.base_url, api_key=self.api_key,
-                timeout_s=config.limits.timeout_s, structured_output=config.structured_output,
+                timeout_s=config.limits.timeout_s,
+                # A log-prob verdict is one label token: no JSON schema, a few tokens at most.
+                structured_output="off" if by_logprobs else config.structured_output,
                 logprobs=config.logprobs, temperature=config.temperature,
-                max_tokens=config.max_tokens, max_connections=self.concurrency)
+                max_tokens=LABEL_MAX_TOKENS if by_logprobs else config.max_tokens,
+                max_connections=self.concurrency,
+                top_logprobs=config.top_logprobs if by_logprobs else 0)
         if isinstance(config, RewardModelJudgeConfig) and views:
             from feedback.reward_model import RewardScorer
 

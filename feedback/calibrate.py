@@ -147,8 +147,12 @@ def calibration_metrics(items: Sequence[CalibrationItem]) -> tuple[int, dict[str
                     human_decisive += 1
                     human_longer += choice == longer
     n_invalid = sum(item.judge_status == LabelStatus.invalid for item in items)
+    decisive = [(a, b) for a, b in compared if b not in ("tie", "both_bad")]
     metrics: dict[str, Any] = {
         "agreement": _rate(sum(a == b for a, b in compared), len(compared)),
+        # On the references that pick a side (a judge that never says tie is scored fairly).
+        "agreement_decisive": _rate(sum(a == b for a, b in decisive), len(decisive)),
+        "n_decisive": len(decisive),
         "cohen_kappa": cohen_kappa(compared),
         "n_compared": len(compared),
         "invalid_rate": _rate(invalid_on_reference, n_reference),
@@ -185,12 +189,18 @@ def _annotator(session: Any, name: str) -> Annotator:
     return annotator
 
 
-def calibrate(db: Database, config: JudgeConfig) -> CalibrationResult:
-    """Measure the judge against gold/human labels and store the result."""
+def calibrate(db: Database, config: JudgeConfig, *, against: str | None = None
+              ) -> CalibrationResult:
+    """Measure the judge against gold/human labels, or against the labels of the judge named
+    `against` (its annotator name) on the same tasks, and store the result."""
     with db.read() as session:
         annotator = _annotator(session, config.annotator_name)
-        items = calibration_items(session=session, annotator_id=annotator.id or 0)
+        reference = _annotator(session, against) if against is not None else None
+        items = calibration_items(session=session, annotator_id=annotator.id or 0,
+                                  reference_annotator_id=None if reference is None
+                                  else reference.id or 0)
     n_tasks, metrics = calibration_metrics(items)
+    metrics["reference"] = against or "gold and human labels"
     with db.write() as session:
         row = record_calibration(session=session, annotator_id=annotator.id or 0,
                                  n_tasks=n_tasks, metrics=metrics)
@@ -199,21 +209,29 @@ def calibrate(db: Database, config: JudgeConfig) -> CalibrationResult:
 
 
 def route_tasks(db: Database, configs: Sequence[JudgeConfig], *, min_confidence: float,
-                priority: int) -> dict[str, int]:
+                priority: int, task_ids: Sequence[int] | None = None,
+                extra_annotators: Sequence[str] = ()) -> dict[str, int]:
     """Raise the priority of tasks humans should see first.
 
     A task is routed when the given judges disagree on it, or when one of their labels is
     uncertain: its confidence times the judge's calibrated agreement (when calibrated) is below
     `min_confidence`, or the judge flagged it for humans (inconsistent orders, injection flags).
-    Tasks that already have a human label are left alone.
+    Tasks that already have a human label are left alone. `task_ids` limits it to those tasks
+    (a round's); `extra_annotators` (names) take part in the disagreement check only, e.g. the
+    rule judge an AI judge was calibrated against.
     """
     with db.read() as session:
         annotators = [_annotator(session, c.annotator_name) for c in configs]
         ids = [a.id or 0 for a in annotators]
+        others = [_annotator(session, name).id or 0 for name in extra_annotators]
         agreements = latest_agreements(session=session)
-        disagree = set(judge_disagreements(session=session, annotator_ids=ids))
+        disagree = set(judge_disagreements(session=session, annotator_ids=ids + others,
+                                           task_ids=task_ids))
         uncertain: set[int] = set()
-        for label in session.exec(select(Label).where(col(Label.annotator_id).in_(ids))).all():
+        query = select(Label).where(col(Label.annotator_id).in_(ids))
+        if task_ids is not None:
+            query = query.where(col(Label.task_id).in_(list(task_ids)))
+        for label in session.exec(query).all():
             details = label.details or {}
             if details.get("routed"):
                 uncertain.add(label.task_id)

@@ -122,8 +122,13 @@ def calibrate_command(
     ctx: typer.Context,
     judge: Annotated[Path, typer.Option("--judge", help="Judge config (.toml or .json).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    against: Annotated[str | None, typer.Option(
+        "--against", help="Calibrate against this judge's labels (its annotator name, e.g. "
+        "rule:arith-format-accuracy@1) on the tasks both labelled, instead of gold and human "
+        "labels.")] = None,
 ) -> None:
-    """Measure the judge against gold and human labels; store the result for routing/export."""
+    """Measure the judge against gold and human labels (or another judge's); store the result
+    for routing/export."""
     from rich.console import Console
     from rich.table import Table
 
@@ -132,7 +137,7 @@ def calibrate_command(
 
     config = _load(judge)
     try:
-        result = calibrate(command_context(ctx).open_database(), config)
+        result = calibrate(command_context(ctx).open_database(), config, against=against)
     except StoreError as exc:
         raise fail(str(exc)) from None
     if json_out:
@@ -140,7 +145,8 @@ def calibrate_command(
                                "metrics": result.metrics}, indent=2))
         return
     table = Table("metric", "value", title=f"{result.annotator_name}: {result.n_tasks} tasks "
-                  "with gold or human labels")
+                  f"with labels of {against}" if against else
+                  f"{result.annotator_name}: {result.n_tasks} tasks with gold or human labels")
     for key, value in result.metrics.items():
         if key != "by_kind":
             table.add_row(key, _fmt(value))

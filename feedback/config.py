@@ -114,6 +114,13 @@ class LLMJudgeConfig:
     strict parser always has the last word)."""
     logprobs: bool = True
     """Ask for token logprobs (confidence of the verdict token) where the endpoint gives them."""
+    verdict: Literal["generate", "logprobs"] = "generate"
+    """generate: parse a generated JSON verdict. logprobs: read the next-token probabilities of
+    the labels ("A"/"B", "good"/"bad") and average both orders, as RLAIF does
+    (feedback/label_logprobs.py): always a verdict with a confidence, even from a small model;
+    needs an endpoint that returns top_logprobs; pairwise and binary tasks only."""
+    top_logprobs: int = 20
+    """logprobs verdicts: alternatives asked for per position (OpenAI allows up to 20)."""
     temperature: float = 0.0
     max_tokens: int = 512
     seed: int = 0
@@ -134,6 +141,13 @@ class LLMJudgeConfig:
             _check(kind in self.rubric.templates,
                    f"rubric {self.rubric.name} has no template for {kind} tasks")
         _check_choice(self.on_inconsistent, ("tie", "human"), "on_inconsistent")
+        _check_choice(self.verdict, ("generate", "logprobs"), "verdict")
+        if self.verdict == "logprobs":
+            _check(set(self.task_kinds) <= {"pairwise", "binary"},
+                   'verdict = "logprobs" reads label probabilities: task_kinds must be among '
+                   "pairwise, binary")
+            _check(self.logprobs, 'verdict = "logprobs" needs logprobs = true')
+            _check(1 <= self.top_logprobs <= 20, "top_logprobs must be between 1 and 20")
         _check_choice(self.structured_output, ("auto", "json_schema", "json_object", "off"),
                       "structured_output")
         _check(1 <= self.listwise_shuffles <= 24, "listwise_shuffles must be between 1 and 24")
@@ -160,6 +174,9 @@ class LLMJudgeConfig:
             "constitution": list(self.constitution), "both_orders": self.both_orders,
             "on_inconsistent": self.on_inconsistent, "listwise_shuffles": self.listwise_shuffles,
             "temperature": self.temperature, "seed": self.seed,
+            # Only when set, so the identities of existing generate-mode judges do not change.
+            **({"verdict": "logprobs", "top_logprobs": self.top_logprobs}
+               if self.verdict == "logprobs" else {}),
         }
 
 

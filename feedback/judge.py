@@ -143,8 +143,10 @@ def verdict_schema(kind: str, k: int) -> dict[str, Any]:
 
 def build_messages(rubric: Rubric, kind: str, *, question: str, shown_texts: Sequence[str],
                    nonce: str, principles: Sequence[str] = (),
-                   reference: str | None = None) -> list[dict[str, str]]:
-    """The chat messages for one judge call on candidates shown in this order."""
+                   reference: str | None = None,
+                   answer_format: str | None = None) -> list[dict[str, str]]:
+    """The chat messages for one judge call on candidates shown in this order (`answer_format`
+    replaces the JSON answer instructions, e.g. with `label_instructions` for log-prob mode)."""
     principle_text = ""
     if principles:
         principle_text = "\nAlso weigh these principles:\n" + "\n".join(
@@ -152,8 +154,8 @@ def build_messages(rubric: Rubric, kind: str, *, question: str, shown_texts: Seq
     system, user = rubric.render(
         kind, principles=principle_text, question=question,
         reference=reference if reference else "(none)",
-        responses=format_responses(shown_texts, nonce), format=output_instructions(
-            kind, len(shown_texts)),
+        responses=format_responses(shown_texts, nonce), format=answer_format
+        or output_instructions(kind, len(shown_texts)),
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -257,12 +259,23 @@ def token_confidence(tokens: Sequence[tuple[str, float]], text: str,
                      offset: int | None) -> float | None:
     """exp(logprob) of the token where the verdict value starts, or None if not alignable.
 
-    `tokens` are (token text, logprob) pairs from the endpoint; they must spell `text` exactly.
-    The value starts with its opening quote for strings (`"A"`), so the token covering the
-    first character after the quote is the verdict's own token.
+    `tokens` are (token text, logprob) pairs from the endpoint. They usually spell `text`
+    exactly; some servers return tokens for more than the content (llama.cpp's server strips a
+    ```json fence from the content but not from its log-prob tokens), so the content is looked
+    up inside the tokens' text and the offset shifted by where it starts. Tokens that do not
+    contain the content give None. The value starts with its opening quote for strings
+    (`"A"`), so the token covering the first character after the quote is the verdict's own.
     """
-    if offset is None or not tokens or "".join(t for t, _ in tokens) != text:
+    if offset is None or not tokens:
         return None
+    spelled = "".join(t for t, _ in tokens)
+    if spelled != text:
+        core = text.strip()
+        where = spelled.find(core) if core else -1
+        if where < 0:
+            return None
+        offset += where - text.index(core)
+        text = spelled
     if offset < len(text) and text[offset] in "\"[":
         offset += 1
         while offset < len(text) and text[offset] in ' "\n':

@@ -33,6 +33,8 @@ class CallResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
+    # Per generated position, the endpoint's `top_logprobs` as (token, logprob), when asked for.
+    top: tuple[tuple[tuple[str, float], ...], ...] | None = None
 
 
 class CallFailed(Exception):
@@ -101,7 +103,7 @@ class ChatEndpoint:
     def __init__(self, *, model: str, base_url: str | None = None, api_key: str | None = None,
                  timeout_s: float = 60.0, structured_output: str = "auto",
                  logprobs: bool = True, temperature: float = 0.0, max_tokens: int = 512,
-                 max_connections: int = 64):
+                 max_connections: int = 64, top_logprobs: int = 0):
         import importlib.util
 
         import openai
@@ -122,6 +124,9 @@ class ChatEndpoint:
             "auto": ["json_schema", "json_object"], "json_schema": ["json_schema"],
             "json_object": ["json_object"], "off": []}[structured_output]
         self.use_logprobs = logprobs
+        # Alternatives per position; > 0 means the verdict is read from them (log-prob mode),
+        # so an endpoint that refuses logprobs cannot serve this judge at all.
+        self.top_logprobs = top_logprobs
         self._dropped: str | None = None
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -174,6 +179,8 @@ class ChatEndpoint:
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         if self.use_logprobs:
             kwargs["logprobs"] = True
+            if self.top_logprobs:
+                kwargs["top_logprobs"] = self.top_logprobs
         return kwargs
 
     async def complete(self, messages: list[dict[str, str]], schema: dict[str, Any]
@@ -222,6 +229,10 @@ class ChatEndpoint:
                 raise CallFailed(f"{status}: {self._dropped} refused; trying the next "
                                  "structured-output dialect", kind="fallback", retryable=True,
                                  retry_after=0.0, status=status) from None
+            if self.top_logprobs and "logprob" in _error_text(exc):
+                raise EndpointUnusable(f"{status}: this endpoint gives no token logprobs, which "
+                                       "a verdict = \"logprobs\" judge reads; use verdict = "
+                                       f"\"generate\" ({exc.message})"[:400]) from None
             if self.use_logprobs and "logprob" in _error_text(exc):
                 self.use_logprobs = False
                 raise CallFailed(f"{status}: logprobs refused; retrying without",
@@ -254,7 +265,7 @@ def parse_completion(body: Any) -> CallResult:
     text = message.get("content")
     if text is not None and not isinstance(text, str):
         raise CallFailed("message content is not text", kind="server_error", retryable=True)
-    tokens = None
+    tokens = top = None
     logprobs = choice.get("logprobs")
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if isinstance(content, list) and content:
@@ -262,11 +273,16 @@ def parse_completion(body: Any) -> CallResult:
             tokens = tuple((str(t["token"]), float(t["logprob"])) for t in content)
         except (KeyError, TypeError, ValueError):
             tokens = None  # unusable logprobs: no confidence, the verdict still counts
+        try:
+            top = tuple(tuple((str(a["token"]), float(a["logprob"]))
+                              for a in (t.get("top_logprobs") or ())) for t in content)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            top = None  # unusable alternatives: a log-prob verdict reads none
     raw_usage = body.get("usage")
     usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     return CallResult(
         text=text, tokens=tokens,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=choice.get("finish_reason"), top=top,
     )

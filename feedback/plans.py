@@ -31,6 +31,12 @@ from feedback.judge import (
     token_confidence,
     verdict_schema,
 )
+from feedback.label_logprobs import (
+    combine_binary_logprobs,
+    combine_pairwise_logprobs,
+    label_instructions,
+    read_labels,
+)
 from feedback.llm import CallResult
 from feedback.tasks import JudgeTask
 
@@ -65,9 +71,12 @@ def plan_calls(config: LLMJudgeConfig, view: JudgeTask, annotator_name: str) -> 
         nonce = make_nonce()
         while any(nonce in text for text in shown) or nonce in view.question:
             nonce = make_nonce()
+        answer_format = (label_instructions(view.kind) if config.verdict == "logprobs"
+                         else None)
         messages = build_messages(config.rubric, view.kind, question=view.question,
                                   shown_texts=shown, nonce=nonce,
-                                  principles=config.constitution, reference=view.reference)
+                                  principles=config.constitution, reference=view.reference,
+                                  answer_format=answer_format)
         specs.append(CallSpec(tuple(order), messages, verdict_schema(view.kind, k),
                               tuple(shown)))
     return specs
@@ -75,7 +84,14 @@ def plan_calls(config: LLMJudgeConfig, view: JudgeTask, annotator_name: str) -> 
 
 def decide_llm(config: LLMJudgeConfig, view: JudgeTask, specs: Sequence[CallSpec],
                results: Sequence[CallResult]) -> Decision:
-    """Parse each call's output strictly and combine the orders into one decision."""
+    """Parse each call's output strictly (or read its label probabilities, in log-prob mode)
+    and combine the orders into one decision."""
+    if config.verdict == "logprobs":
+        readings = [(spec.shown_order, read_labels(view.kind, result.top or ()))
+                    for spec, result in zip(specs, results, strict=True)]
+        if view.kind == "pairwise":
+            return combine_pairwise_logprobs(readings)
+        return combine_binary_logprobs(readings[0][1])
     orders = []
     for spec, result in zip(specs, results, strict=True):
         verdict = parse_verdict(view.kind, len(view.responses), result.text, spec.candidates)

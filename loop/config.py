@@ -95,10 +95,20 @@ class LabelConfig:
     human_deadline_s: float = 0.0
     """Stop waiting for humans after this long (0 with a quota: wait forever)."""
     poll_s: float = 5.0
+    calibrate_against: str | None = None
+    """The annotator name of a judge in `judges` (e.g. the rule judge, exact on a verifiable
+    task) that each LLM judge is calibrated against, live, on the tasks both labelled: the
+    agreement is stored as the LLM judge's calibration, and the round's tasks where the two
+    disagree or where an LLM label's confidence x agreement is below `route_min_confidence`
+    are routed to humans (their priority raised to `route_priority`)."""
+    route_min_confidence: float = 0.6
+    route_priority: int = 10
 
     def __post_init__(self) -> None:
         _check(self.ai_task_limit >= 0 and self.human_quota >= 0 and self.human_deadline_s >= 0,
                "label limits must be >= 0")
+        _check(0.0 <= self.route_min_confidence <= 1.0,
+               "label.route_min_confidence must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _ai_agreement(summary: RoundSummary) -> str:
+    """The AI judge's agreement with the rule judge this round: all compared verdicts, and in
+    brackets the ones where the rule judge picked a side (the AI judge never says tie)."""
+    if not summary.ai_calibration:
+        return "-"
+    metrics = next(iter(summary.ai_calibration.values()))
+    return (f"{_fmt(metrics.get('agreement'), 2)} of {metrics.get('n_compared', 0)} "
+            f"({_fmt(metrics.get('agreement_decisive'), 2)} of {metrics.get('n_decisive', 0)})")
+
+
 def round_row(summary: RoundSummary) -> dict[str, str]:
     labels = summary.labels
     return {
@@ -145,6 +155,8 @@ def round_row(summary: RoundSummary) -> dict[str, str]:
         "labels rule / ai (invalid) / human":
             f"{labels.get('rule', 0)} / {labels.get('ai', 0)} ({labels.get('ai_invalid', 0)})"
             f" / {labels.get('human', 0)}",
+        "AI = rule (decisive)": _ai_agreement(summary),
+        "routed to humans": "-" if summary.routed is None else str(summary.routed),
         "train pairs": str(summary.train_rows if summary.train_rows is not None else "-"),
         "win rate vs previous": _fmt(summary.win_rate),
         "held-out reward (previous -> candidate)":

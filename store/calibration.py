@@ -120,8 +120,14 @@ class CalibrationItem:
 
 
 def calibration_items(*, session: Session, annotator_id: int,
-                      kinds: Sequence[TaskKind] | None = None) -> list[CalibrationItem]:
-    """Every task the judge labelled (valid or invalid), with its human labels and gold."""
+                      kinds: Sequence[TaskKind] | None = None,
+                      reference_annotator_id: int | None = None) -> list[CalibrationItem]:
+    """Every task the judge labelled (valid or invalid), with its human labels and gold.
+
+    With `reference_annotator_id` (another judge, e.g. a rule judge that is exact on the task),
+    that judge's submitted labels stand in for the human labels and gold is left out, so the
+    judge is calibrated against the reference judge on the tasks both labelled.
+    """
     query = (select(Label, Task).join(Task, col(Task.id) == col(Label.task_id))
              .where(Label.annotator_id == annotator_id).order_by(col(Task.id)))
     if kinds:
@@ -130,7 +136,9 @@ def calibration_items(*, session: Session, annotator_id: int,
     for label, task in session.exec(query).all():
         assert task.id is not None
         items[task.id] = CalibrationItem(
-            task_id=task.id, kind=task.kind, gold=task.gold, judge_status=label.status,
+            task_id=task.id, kind=task.kind,
+            gold=None if reference_annotator_id is not None else task.gold,
+            judge_status=label.status,
             judge_choice=label.choice, judge_ranks=label.ranks, judge_details=label.details,
             response_lengths=[])
     if not items:
@@ -145,10 +153,12 @@ def calibration_items(*, session: Session, annotator_id: int,
             .order_by(col(TaskItem.task_id), col(TaskItem.position))
         ).all():
             items[item.task_id].response_lengths.append(len(content_text(completion.content)))
+        references = (select(Label).where(Label.annotator_id == reference_annotator_id)
+                      if reference_annotator_id is not None else
+                      select(Label).join(Annotator, col(Annotator.id) == col(Label.annotator_id))
+                      .where(Annotator.kind == AnnotatorKind.human))
         for label in session.exec(
-            select(Label).join(Annotator, col(Annotator.id) == col(Label.annotator_id))
-            .where(col(Label.task_id).in_(chunk), Annotator.kind == AnnotatorKind.human,
-                   Label.status == LabelStatus.submitted)
+            references.where(col(Label.task_id).in_(chunk), Label.status == LabelStatus.submitted)
             .order_by(col(Label.task_id), col(Label.id))
         ).all():
             target = items[label.task_id]

@@ -27,7 +27,7 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -452,6 +452,9 @@ class RoundSummary:
     timings: dict[str, float]
     error: str | None
     created_at: Any
+    # The label stage's live calibration of the LLM judges against the reference judge.
+    ai_calibration: dict[str, Any] = field(default_factory=dict)
+    routed: int | None = None
 
     @classmethod
     def of(cls, rnd: Round) -> RoundSummary:
@@ -465,7 +468,9 @@ class RoundSummary:
                    reward_deployed=reward.get("deployed"), kl=ev.get("kl"),
                    train_rows=m.get("build_dataset", {}).get("rows"),
                    wall_s=sum(timings.values()), timings=timings, error=rnd.error,
-                   created_at=rnd.created_at)
+                   created_at=rnd.created_at,
+                   ai_calibration=dict(m.get("label", {}).get("calibration") or {}),
+                   routed=(m.get("label", {}).get("routing") or {}).get("routed"))
 
 
 def summaries(db: Database, limit: int = 100) -> list[RoundSummary]:

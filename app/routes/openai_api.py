@@ -15,6 +15,7 @@ deployed yet, serving off, or the deployed one was refused).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -45,6 +46,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 MAX_STOP = 4
 MAX_N = 8
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 SEED_MAX = 2**63 - 1
 # Parameters of OpenAI's API this server does not implement. They are refused with a 400 that
 # names them, unless set to the value that means "off" (what this server does anyway); any other
@@ -101,6 +103,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionBody(_Body):
@@ -163,7 +167,33 @@ async def _parse(request: Request, schema: type[_Body]) -> _Body | JSONResponse:
         return _error(400, "stream_options needs stream: true", param="stream_options")
     if body.stream and (body.n or 1) > 1:
         return _error(400, "stream with n > 1 is not supported", param="n")
+    if isinstance(body, ChatCompletionBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            return _error(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.logprobs and body.stream:
+            return _error(400, "logprobs are returned by non-streaming requests only on this "
+                          "server; send stream: false", param="logprobs")
     return body
+
+
+def _wanted_logprobs(body: _Body) -> int | None:
+    """None, or how many top alternatives each token's log-probability comes with."""
+    if isinstance(body, ChatCompletionBody) and body.logprobs:
+        return body.top_logprobs or 0
+    return None
+
+
+def _logprobs_json(generation: Generation) -> dict[str, Any] | None:
+    """OpenAI's chat `logprobs` object: one entry per generated token."""
+    if generation.logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob),
+                         "top_logprobs": [entry(text, lp) for text, lp in t.top]}
+                        for t in generation.logprobs], "refusal": None}
 
 
 def _generation_request(body: _Body, prompt: PromptInput, settings: Settings,
@@ -176,7 +206,7 @@ def _generation_request(body: _Body, prompt: PromptInput, settings: Settings,
     return GenerationRequest(prompt=prompt, max_tokens=max_tokens,
                              temperature=1.0 if body.temperature is None else body.temperature,
                              top_p=1.0 if body.top_p is None else body.top_p, stop=stop,
-                             seed=body.seed)
+                             seed=body.seed, top_logprobs=_wanted_logprobs(body))
 
 
 async def _events(manager: DeploymentManager, engine: Any, request: GenerationRequest
@@ -235,6 +265,11 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
     except ServingError as exc:
         return _serving_error(exc)
     policy = slot.policy
+    if gen.top_logprobs is not None and not getattr(slot.engine, "supports_logprobs", False):
+        slot.release()
+        return _error(400, f"logprobs are not available from the backend serving "
+                      f"{policy.name!r} (PREFLOOP_SERVING=upstream); ask without them",
+                      param="logprobs")
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     headers = {"X-Prefloop-Policy": f"{policy.name}", "X-Prefloop-Policy-Id": str(policy.id)}
@@ -245,14 +280,14 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
             results = []
             for i in range(body.n or 1):
                 seed = None if gen.seed is None else gen.seed + i
-                results.append(await _generate(manager, slot.engine, GenerationRequest(
-                    gen.prompt, gen.max_tokens, gen.temperature, gen.top_p, gen.stop, seed)))
+                results.append(await _generate(manager, slot.engine,
+                                               dataclasses.replace(gen, seed=seed)))
         except ServingError as exc:
             return _serving_error(exc)
         finally:
             slot.release()
         choices = [({"index": i, "message": {"role": "assistant", "content": r.text},
-                     "finish_reason": r.finish_reason, "logprobs": None} if chat else
+                     "finish_reason": r.finish_reason, "logprobs": _logprobs_json(r)} if chat else
                     {"index": i, "text": r.text, "finish_reason": r.finish_reason,
                      "logprobs": None}) for i, r in enumerate(results)]
         usage = _usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
@@ -379,11 +414,17 @@ def serving_status(request: Request, _admin: AdminUser) -> dict[str, Any]:
     the versions refused lately with why."""
     manager = _manager(request)
     if manager is None:
-        return {"backend": "off", "current": None, "previous": None, "last_switch": None,
-                "refusals": []}
+        return {"backend": "off", "state": "idle", "current": None, "previous": None,
+                "last_switch": None, "refusals": [], "waiting": None}
     status = manager.status
+    waiting = status.waiting
     return {
-        "backend": status.backend,
+        "backend": status.backend, "state": status.state,
+        # A deployed version whose upstream is not answering yet (cold start): retried, never
+        # refused for it.
+        "waiting": None if waiting is None else {
+            k: getattr(waiting, k) for k in ("policy_id", "name", "reason", "since", "attempts",
+                                             "retry_in_s")},
         "current": _policy(status.current), "previous": _policy(status.previous),
         "last_switch": None if status.last_switch is None else {
             k: getattr(status.last_switch, k) for k in (

@@ -10,6 +10,7 @@ fills what is missing; the stage's own transaction is the advance with the label
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from loop.config import RoundConfig
 from loop.stages.common import StageContext, StageResult
@@ -47,6 +48,40 @@ def run(ctx: StageContext, rnd: Round, config: RoundConfig) -> StageResult:
             break
         time.sleep(label.poll_s)
     with ctx.db.read() as session:
-        counts = store_rounds.labels_by_source(
-            session, store_rounds.round_task_ids(session, round_id, source))
-    return StageResult({"judges": stats, "labels": counts, "human_wait": waited})
+        task_ids = store_rounds.round_task_ids(session, round_id, source)
+        counts = store_rounds.labels_by_source(session, task_ids)
+    outputs: dict[str, Any] = {"judges": stats, "labels": counts, "human_wait": waited}
+    if label.calibrate_against:
+        outputs.update(calibrate_and_route(ctx, config, task_ids))
+    return StageResult(outputs)
+
+
+def calibrate_and_route(ctx: StageContext, config: RoundConfig, task_ids: list[int]
+                        ) -> dict[str, object]:
+    """Calibrate each LLM judge against the reference judge (all the tasks both labelled), then
+    route this round's uncertain or disputed tasks to humans. Both are idempotent, so a resumed
+    stage repeats them harmlessly."""
+    from feedback.calibrate import calibrate, route_tasks
+    from store.errors import NotFound
+
+    label = config.label
+    reference = label.calibrate_against
+    assert reference is not None
+    calibration: dict[str, object] = {}
+    routing: dict[str, int] = {}
+    llm_judges = [j for j in judge_configs(ctx, label.judges) if j.kind == "llm"]
+    for judge in llm_judges:
+        try:
+            result = calibrate(ctx.db, judge, against=reference)
+        except NotFound:  # the judge (or the reference) wrote no label this round
+            continue
+        keys = ("agreement", "agreement_decisive", "n_compared", "n_decisive", "cohen_kappa")
+        calibration[judge.annotator_name] = {"reference": reference, "n_tasks": result.n_tasks,
+                                             **{k: result.metrics.get(k) for k in keys}}
+    if calibration:
+        routing = route_tasks(ctx.db, [j for j in llm_judges
+                                       if j.annotator_name in calibration],
+                              min_confidence=label.route_min_confidence,
+                              priority=label.route_priority, task_ids=task_ids,
+                              extra_annotators=[reference])
+    return {"calibration": calibration, "routing": routing}

@@ -128,7 +128,10 @@ def test_seeded_sampling_repeats_and_n_gives_several_choices(served_v1):
     ({"model": "v1", "messages": CHAT, "stream": True, "n": 2}, "stream with n > 1"),
     ({"model": "v1", "messages": CHAT, "tools": [{"type": "function"}]}, "'tools' is not "
      "supported"),
-    ({"model": "v1", "messages": CHAT, "logprobs": True}, "'logprobs' is not supported"),
+    ({"model": "v1", "messages": CHAT, "logprobs": True, "stream": True},
+     "non-streaming requests only"),
+    ({"model": "v1", "messages": CHAT, "top_logprobs": 3}, "top_logprobs needs logprobs"),
+    ({"model": "v1", "messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"model": "v1", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
     ({"model": "v1", "messages": CHAT, "seed": -1}, "seed"),
     ([1, 2], "must be a JSON object"),

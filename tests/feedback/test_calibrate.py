@@ -141,6 +141,36 @@ def test_route_tasks_where_judges_disagree(db: Database) -> None:
         assert session.get(Task, human_done).priority == 0
 
 
+def test_calibrate_against_another_judge_and_route_a_rounds_disputed_tasks(db: Database
+                                                                            ) -> None:
+    with db.write() as session:
+        t1 = _task_with_humans(session, 1, ("4", "5"), ["b"])  # humans are not the reference
+        t2 = _task_with_humans(session, 2, ("4.0", "5"), [])
+        t3 = _task_with_humans(session, 3, ("5", "4"), [])
+        t4 = _task_with_humans(session, 4, ("4", "4.0"), [])
+    exact = _rule_config()
+    numeric = RuleJudgeConfig(name="numeric", checks=(CheckConfig(type="answer_match",
+                                                                  mode="numeric"),))
+    for config in (exact, numeric):
+        asyncio.run(BatchRunner(db, config).run())
+    result = calibrate(db, numeric, against=exact.annotator_name)
+    # exact: a, both_bad, b, a; numeric: a, a, b, tie -> 2 of 4 agree; on the 3 references
+    # that pick a side (t1, t3, t4): 2 of 3.
+    assert result.n_tasks == 4
+    m = result.metrics
+    assert (m["agreement"], m["n_compared"]) == (pytest.approx(0.5), 4)
+    assert (m["agreement_decisive"], m["n_decisive"]) == (pytest.approx(2 / 3), 3)
+    assert m["reference"] == "rule:exact@1"
+    # Only the round's tasks (t1, t2): the judges dispute t2; t4's dispute is not this round's.
+    counts = route_tasks(db, [numeric], min_confidence=0.6, priority=7, task_ids=[t1, t2],
+                         extra_annotators=[exact.annotator_name])
+    assert counts == {"disagreement": 1, "low_confidence": 0, "routed": 1,
+                      "priority_raised": 1}
+    with db.read() as session:
+        assert {t.id: t.priority for t in session.exec(select(Task))} == {
+            t1: 0, t2: 7, t3: 0, t4: 0}
+
+
 def test_record_calibration_refuses_humans_and_label_weight(db: Database) -> None:
     with db.write() as session:
         person = repo.get_or_create_annotator(session=session, name="p",

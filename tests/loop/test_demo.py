@@ -24,6 +24,7 @@ from tests.loop.test_runner import (  # noqa: F401  (tiny_policy is a fixture)
 
 pytest.importorskip("uvicorn")
 
+RULE_NAME = "rule:capital-start@1"
 AI_JUDGE = """kind = "llm"
 model = "deployed"
 structured_output = "off"
@@ -49,7 +50,7 @@ def test_demo_runs_rounds_with_the_ai_judge_on_the_apps_own_endpoint(
 
     config = dataclasses.replace(
         config, label=dataclasses.replace(config.label, judges=(*config.label.judges, str(ai)),
-                                          ai_task_limit=2),
+                                          ai_task_limit=2, calibrate_against=RULE_NAME),
         evaluate=dataclasses.replace(config.evaluate, ai_task_limit=1))
     settings = get_settings(db_url=sqlite_db.url, serving_smoke_max_tokens=2,
                             serving_poll_interval_s=0.2)
@@ -59,9 +60,15 @@ def test_demo_runs_rounds_with_the_ai_judge_on_the_apps_own_endpoint(
     assert result.plot.exists() and result.plot.stat().st_size > 10_000
     output = capsys.readouterr().out
     assert "win rate vs previous" in output and "round 2 of 2" in output
+    assert "AI = rule (decisive)" in output and "routed to humans" in output
     for summary in result.summaries:
         # Every AI call produced a stored label (valid or invalid), at most ai_task_limit.
         assert summary.labels["ai"] + summary.labels["ai_invalid"] == 2
+        # Calibrated live against the rule judge on the two tasks both labelled.
+        (calibration,) = summary.ai_calibration.values()
+        assert (calibration["reference"], calibration["n_tasks"]) == (RULE_NAME, 2)
+        assert calibration["n_compared"] == summary.labels["ai"]
+        assert isinstance(summary.routed, int) and 0 <= summary.routed <= 2
     with sqlite_db.read() as session:
         judges = session.exec(select(Annotator.name).where(
             Annotator.kind == AnnotatorKind.ai).order_by(Annotator.id)).all()
