@@ -144,9 +144,9 @@ def calibrate_command(
         typer.echo(json.dumps({"judge": result.annotator_name, "n_tasks": result.n_tasks,
                                "metrics": result.metrics}, indent=2))
         return
-    table = Table("metric", "value", title=f"{result.annotator_name}: {result.n_tasks} tasks "
-                  f"with labels of {against}" if against else
-                  f"{result.annotator_name}: {result.n_tasks} tasks with gold or human labels")
+    reference = f"labels of {against}" if against else "gold or human labels"
+    table = Table("metric", "value",
+                  title=f"{result.annotator_name}: {result.n_tasks} tasks with {reference}")
     for key, value in result.metrics.items():
         if key != "by_kind":
             table.add_row(key, _fmt(value))

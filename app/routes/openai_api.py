@@ -422,9 +422,7 @@ def serving_status(request: Request, _admin: AdminUser) -> dict[str, Any]:
         "backend": status.backend, "state": status.state,
         # A deployed version whose upstream is not answering yet (cold start): retried, never
         # refused for it.
-        "waiting": None if waiting is None else {
-            k: getattr(waiting, k) for k in ("policy_id", "name", "reason", "since", "attempts",
-                                             "retry_in_s")},
+        "waiting": None if waiting is None else dataclasses.asdict(waiting),
         "current": _policy(status.current), "previous": _policy(status.previous),
         "last_switch": None if status.last_switch is None else {
             k: getattr(status.last_switch, k) for k in (

@@ -10,6 +10,7 @@ fills what is missing; the stage's own transaction is the advance with the label
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loop.config import RoundConfig
@@ -33,8 +34,8 @@ def run(ctx: StageContext, rnd: Round, config: RoundConfig) -> StageResult:
                                              "label_started_at": time.time()}})
         rnd = ctx.load(rnd.id)
     started_at = float((rnd.metrics or {})["label_progress"]["label_started_at"])
-    stats = run_judges(ctx, judge_configs(ctx, label.judges), round_id, source,
-                       label.ai_task_limit)
+    judges = judge_configs(ctx, label.judges)
+    stats = run_judges(ctx, judges, round_id, source, label.ai_task_limit)
     waited = "none"
     while label.human_quota:
         with ctx.db.read() as session:
@@ -52,12 +53,12 @@ def run(ctx: StageContext, rnd: Round, config: RoundConfig) -> StageResult:
         counts = store_rounds.labels_by_source(session, task_ids)
     outputs: dict[str, Any] = {"judges": stats, "labels": counts, "human_wait": waited}
     if label.calibrate_against:
-        outputs.update(calibrate_and_route(ctx, config, task_ids))
+        outputs.update(calibrate_and_route(ctx, config, judges, task_ids))
     return StageResult(outputs)
 
 
-def calibrate_and_route(ctx: StageContext, config: RoundConfig, task_ids: list[int]
-                        ) -> dict[str, object]:
+def calibrate_and_route(ctx: StageContext, config: RoundConfig, judges: Sequence[Any],
+                        task_ids: list[int]) -> dict[str, object]:
     """Calibrate each LLM judge against the reference judge (all the tasks both labelled), then
     route this round's uncertain or disputed tasks to humans. Both are idempotent, so a resumed
     stage repeats them harmlessly."""
@@ -69,7 +70,7 @@ def calibrate_and_route(ctx: StageContext, config: RoundConfig, task_ids: list[i
     assert reference is not None
     calibration: dict[str, object] = {}
     routing: dict[str, int] = {}
-    llm_judges = [j for j in judge_configs(ctx, label.judges) if j.kind == "llm"]
+    llm_judges = [j for j in judges if j.kind == "llm"]
     for judge in llm_judges:
         try:
             result = calibrate(ctx.db, judge, against=reference)

@@ -28,7 +28,8 @@ from store import deployments
 from store.db import Database
 from tests.app.helpers import add_user, live_server
 
-__all__ = ["Served", "expected", "register", "serve", "tiny_policies", "wait_until"]
+__all__ = ["Served", "deploy_and_serve", "expected", "register", "serve", "served_v1",
+           "tiny_policies", "wait_until"]
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +65,17 @@ def register(db: Database, name: str, weights: Path) -> int:
         s, name=name, base_model="tiny", weights_uri=str(weights)))
     assert policy.id is not None
     return policy.id
+
+
+def deploy_and_serve(serve: Callable[..., Served], db: Database, name: str, weights: Any,
+                     **settings: Any) -> Served:
+    """Register `weights` as version `name`, deploy it, and start a live app that serves it
+    (returns once /v1 lists it)."""
+    policy_id = register(db, name, weights)
+    db.run_write(lambda s: deployments.promote(s, policy_id=policy_id, actor="test"))
+    served = serve(db, **settings)
+    wait_until(lambda: served.manager.models(), timeout_s=600)
+    return served
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float = 60.0) -> Any:
@@ -109,3 +121,10 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     yield start
     for context in reversed(stack):
         context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def served_v1(sqlite_db: Database, serve: Callable[..., Served],
+              tiny_policies: dict[str, Path]) -> Served:
+    """A live app serving the tiny version v1 (deployed)."""
+    return deploy_and_serve(serve, sqlite_db, "v1", tiny_policies["v1"])

@@ -16,7 +16,6 @@ from app.settings import Settings
 from store.models import Label, Prompt
 from tests.app.helpers import add_task, add_user, live_server
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
-from tests.app.serving_fixtures import register, wait_until
 
 
 def _rows(db: Any, table: Any) -> int:
@@ -88,14 +87,8 @@ def test_deep_json_on_the_api_is_400(api: Any) -> None:
 
 
 @pytest.fixture
-def v1(sqlite_db: Any, serve: Any, tiny_policies: Any) -> Any:
-    from store import deployments
-
-    v1_id = register(sqlite_db, "v1", tiny_policies["v1"])
-    sqlite_db.run_write(lambda s: deployments.promote(s, policy_id=v1_id, actor="test"))
-    served = serve(sqlite_db)
-    wait_until(lambda: served.manager.models())
-    return served
+def v1(served_v1: Any) -> Any:
+    return served_v1
 
 
 def _openai(message: str, param: str | None = None) -> dict[str, Any]:

@@ -10,10 +10,9 @@ import httpx
 import openai
 import pytest
 
-from store import deployments
 from tests.app.helpers import add_user
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
-from tests.app.serving_fixtures import register, wait_until
+from tests.app.serving_fixtures import deploy_and_serve
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 NOT_AUTHENTICATED = "not authenticated: send 'Authorization: Bearer <token>' or log in"
@@ -21,11 +20,7 @@ NOT_AUTHENTICATED = "not authenticated: send 'Authorization: Bearer <token>' or 
 
 @pytest.fixture
 def v1(sqlite_db: Any, serve: Any, tiny_policies: Any) -> Any:
-    v1_id = register(sqlite_db, "v1", tiny_policies["v1"])
-    sqlite_db.run_write(lambda s: deployments.promote(s, policy_id=v1_id, actor="test"))
-    served = serve(sqlite_db, max_body_bytes=4096)
-    wait_until(lambda: served.manager.models())
-    return served
+    return deploy_and_serve(serve, sqlite_db, "v1", tiny_policies["v1"], max_body_bytes=4096)
 
 
 def _shape(response: httpx.Response) -> dict[str, Any]:

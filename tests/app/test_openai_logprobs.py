@@ -10,20 +10,9 @@ import math
 import openai
 import pytest
 
-from store import deployments
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
-from tests.app.serving_fixtures import register, wait_until
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture
-def served_v1(sqlite_db, serve, tiny_policies):
-    v1 = register(sqlite_db, "v1", tiny_policies["v1"])
-    sqlite_db.run_write(lambda s: deployments.promote(s, policy_id=v1, actor="test"))
-    app = serve(sqlite_db)
-    wait_until(lambda: app.manager.models())
-    return app
 
 
 def reference_greedy(weights, messages, steps):

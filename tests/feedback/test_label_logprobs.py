@@ -21,7 +21,7 @@ from feedback.label_logprobs import (
 from feedback.llm import parse_completion
 from feedback.rubric import load_rubric
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
-from tests.app.serving_fixtures import register, wait_until
+from tests.app.serving_fixtures import deploy_and_serve
 
 ln = math.log
 
@@ -128,14 +128,11 @@ def test_a_logprob_judge_labels_every_task_through_prefloops_own_v1(sqlite_db, s
     from sqlmodel import select
 
     from feedback.batch import BatchRunner
-    from store import deployments
     from store.models import Label
     from tests.feedback.conftest import make_tasks
 
-    v1 = register(sqlite_db, "v1", "smollm2-135m-instruct")
-    sqlite_db.run_write(lambda s: deployments.promote(s, policy_id=v1, actor="test"))
-    served = serve(sqlite_db, serving_smoke_timeout_s=300.0)
-    wait_until(lambda: served.manager.models(), timeout_s=600)
+    served = deploy_and_serve(serve, sqlite_db, "v1", "smollm2-135m-instruct",
+                              serving_smoke_timeout_s=300.0)
     ids = make_tasks(sqlite_db, [("ok", "pairwise", [9, 1]), ("ok", "pairwise", [1, 9]),
                                  ("ok", "binary", [9])])
     config = LLMJudgeConfig(model="v1", rubric=load_rubric("default_v1"),
