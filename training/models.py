@@ -189,6 +189,37 @@ def load_policy(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrain
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        # bf16 only where the CPU has bf16 matmuls (AVX512-BF16/AMX) or on a GPU: on an
+        # AVX2-only CPU a bf16 matmul is emulated and measured ~60x slower than fp32.
+        from training.runtime import bf16_supported
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def load_fresh_causal_lm(model: str, dtype: torch.dtype) -> Any:
+    """A causal LM from a name or folder; a LoRA adapter folder is merged and the merged weights
+    are loaded into a fresh model, which generates 1.6-2x faster than the merged-in-place one
+    (PLATFORM.md section 13)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    merged = load_policy(path, dtype=dtype)
+    if not (Path(path) / "adapter_config.json").exists():
+        return merged
+    fresh = AutoModelForCausalLM.from_config(merged.config, dtype=dtype)
+    fresh.load_state_dict(merged.state_dict())
+    return fresh
+
+
 def load_reward_backbone(
     name_or_path: str, pad_token_id: int, dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,

@@ -64,10 +64,11 @@ def test_same_seed_same_samples_and_other_seed_other_samples(engine: HFRolloutEn
 def test_a_sample_does_not_depend_on_the_rest_of_the_batch(engine: HFRolloutEngine) -> None:
     params = SamplingParams(max_new_tokens=10, temperature=1.0, n=2, seed=3)
     together = engine.generate(PROMPTS, params)
-    small = HFRolloutEngine.__new__(HFRolloutEngine)
-    small.__dict__.update(engine.__dict__)
-    small.batch_size = 2  # one prompt (2 samples) per batch
-    apart = small.generate(PROMPTS, params)
+    engine.batch_size = 2  # one prompt (2 samples) in the batch at a time
+    try:
+        apart = engine.generate(PROMPTS, params)
+    finally:
+        engine.batch_size = 8
     assert [[r.completion_ids for r in s] for s in together] == \
         [[r.completion_ids for r in s] for s in apart]
 
@@ -105,10 +106,10 @@ def test_length_finish_and_stop_strings_cut_the_text(engine: HFRolloutEngine) ->
 def test_end_of_sequence_token_stops_and_is_kept_in_the_ids(tiny_policy_dir: Path) -> None:
     engine = HFRolloutEngine(str(tiny_policy_dir))
     eos = engine.tokenizer.eos_token_id
-    with torch.no_grad():  # make EOS overwhelmingly likely: the lm_head row of EOS is huge
-        engine.model.lm_head.weight[eos] *= 0
-        engine.model.lm_head.weight[eos] += 50.0
-        engine.model.model.norm.weight.abs_()
+    head = engine.model.lm_head.weight.detach().clone()
+    head[eos] = 50.0  # make EOS overwhelmingly likely: the lm_head row of EOS is huge
+    engine.load_state_dict({"lm_head.weight": head,
+                            "model.norm.weight": engine.model.model.norm.weight.abs()})
     rollout = engine.generate(["Hi"], SamplingParams(max_new_tokens=5, temperature=0.0))[0][0]
     assert rollout.finish_reason == "stop"
     assert rollout.completion_ids[-1] == eos
