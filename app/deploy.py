@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from app.engines import make_engine
 from app.policy_engine import (
     Engine,
     GenerationRequest,
@@ -41,7 +42,6 @@ from app.policy_engine import (
     ServingError,
     UpstreamNotReady,
     generate_blocking,
-    make_engine,
 )
 
 if TYPE_CHECKING:

@@ -99,6 +99,17 @@ class Settings(BaseSettings):
     serving_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32")
     serving_max_queue: int = Field(default=32, ge=1, le=4096, description="Requests waiting "
                                    "per engine; beyond this /v1 answers 503 at once.")
+    serving_max_batch: int = Field(default=16, ge=1, le=1024, description="Requests the hf "
+                                   "engine generates together (continuous batching); more "
+                                   "wait in its queue.")
+    serving_max_context: int = Field(default=4096, ge=16, description="Prompt + max_tokens of "
+                                     "one request at most on the hf engine (400 beyond); the "
+                                     "model's own context if smaller.")
+    serving_kv_cache_gb: float = Field(default=2.0, gt=0, description="The hf engine's KV "
+                                       "cache at most; requests that would exceed it wait.")
+    serving_max_concurrent_per_token: int = Field(
+        default=8, ge=1, le=4096, description="Generations one API token may run at once on "
+        "/v1; beyond that, 429 with Retry-After.")
     serving_default_max_tokens: int = Field(default=128, ge=1, description="max_tokens when "
                                             "a request gives none.")
     serving_max_tokens: int = Field(default=1024, ge=1, description="Largest max_tokens "

@@ -15,18 +15,19 @@ deployed yet, serving off, or the deployed one was refused).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.auth import AdminUser, CurrentUser
+from app.auth import AdminUser, CurrentUser, User
 from app.deploy import DEPLOYED_ALIAS, DeploymentManager
 from app.errors import TOO_DEEP, openai_error, unencodable
 from app.policy_engine import (
@@ -38,6 +39,7 @@ from app.policy_engine import (
     GenerationRequest,
     GenerationTimeout,
     ServingError,
+    TooManyRequests,
 )
 from app.settings import Settings
 from training.rollout import PromptInput
@@ -47,6 +49,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOP = 4
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+DISCONNECT_POLL_S = 0.2  # how often a waiting non-streaming request checks its client
 SEED_MAX = 2**63 - 1
 # Parameters of OpenAI's API this server does not implement. They are refused with a 400 that
 # names them, unless set to the value that means "off" (what this server does anyway); any other
@@ -124,7 +127,7 @@ def _error(status: int, message: str, error_type: str = "invalid_request_error",
 
 
 def _serving_error(exc: ServingError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
     return _error(exc.status_code, str(exc), exc.error_type, headers)
 
 
@@ -212,7 +215,7 @@ def _generation_request(body: _Body, prompt: PromptInput, settings: Settings,
 async def _events(manager: DeploymentManager, engine: Any, request: GenerationRequest
                   ) -> AsyncGenerator[Event]:
     """The events of one generation, ending with Done or Failed; the job is cancelled if the
-    consumer stops early (a client that disconnected)."""
+    consumer stops early (a client that disconnected, a timeout)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = engine.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
@@ -241,6 +244,68 @@ async def _generate(manager: DeploymentManager, engine: Any, request: Generation
     raise GenerationTimeout("the generation ended without a result")
 
 
+async def _unless_disconnected(http: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (and so its engine jobs) if the client disconnects first:
+    an abandoned request must not keep generating. (Streams need no watch: Starlette cancels a
+    streaming response whose client went away.)"""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class ConcurrencyLimit:
+    """At most `limit` generations at once per API token (per account for a browser
+    session): one client cannot take every slot of the engine."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.running: dict[str, int] = {}
+
+    def acquire(self, key: str, count: int = 1) -> Callable[[], None]:
+        """Hold `count` of `key`'s generations (TooManyRequests if that is over the limit);
+        returns the release function, which may be called more than once."""
+        # Only the event loop's thread calls this and the release: no lock needed.
+        running = self.running.get(key, 0)
+        if running + count > self.limit:
+            raise TooManyRequests(f"this token already runs {running} of its {self.limit} "
+                                  "concurrent generations; retry when one ends")
+        self.running[key] = running + count
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.running[key] -= count
+                if not self.running[key]:
+                    del self.running[key]
+
+        return release
+
+
+def _limit(request: Request) -> ConcurrencyLimit:
+    limit: ConcurrencyLimit | None = getattr(request.app.state, "generation_limit", None)
+    if limit is None:
+        limit = ConcurrencyLimit(request.app.state.settings.serving_max_concurrent_per_token)
+        request.app.state.generation_limit = limit
+    return limit
+
+
+def _limit_key(user: User) -> str:
+    return f"token:{user.token_id}" if user.token_id is not None else f"account:{user.id}"
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -252,7 +317,7 @@ def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
              else "".join(part.text for part in m.content)} for m in messages]
 
 
-async def _complete(request: Request, body: _Body, prompt: PromptInput,
+async def _complete(request: Request, user: User, body: _Body, prompt: PromptInput,
                     max_tokens: int | None, chat: bool) -> Any:
     manager = _manager(request)
     if manager is None:
@@ -261,12 +326,30 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
     if isinstance(gen, JSONResponse):
         return gen
     try:
+        release = _limit(request).acquire(_limit_key(user), 1 if body.stream else body.n or 1)
+    except TooManyRequests as exc:
+        return _serving_error(exc)
+    try:
+        return await _complete_held(request, manager, body, gen, chat, release)
+    except BaseException:
+        release()
+        raise
+
+
+async def _complete_held(request: Request, manager: DeploymentManager, body: _Body,
+                         gen: GenerationRequest, chat: bool, release: Callable[[], None]
+                         ) -> Any:
+    """`_complete` once the token's concurrency is held; `release` when the answer (or the
+    stream) ends."""
+    try:
         slot = manager.acquire(body.model)
     except ServingError as exc:
+        release()
         return _serving_error(exc)
     policy = slot.policy
     if gen.top_logprobs is not None and not getattr(slot.engine, "supports_logprobs", False):
         slot.release()
+        release()
         return _error(400, f"logprobs are not available from the backend serving "
                       f"{policy.name!r} (PREFLOOP_SERVING=upstream); ask without them",
                       param="logprobs")
@@ -277,15 +360,18 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
             "system_fingerprint": f"prefloop-policy-{policy.id}"}
     if not body.stream:
         try:
-            results = []
-            for i in range(body.n or 1):
-                seed = None if gen.seed is None else gen.seed + i
-                results.append(await _generate(manager, slot.engine,
-                                               dataclasses.replace(gen, seed=seed)))
+            # The n answers generate together (they share the prompt's prefill).
+            results = await _unless_disconnected(request, asyncio.gather(*(
+                _generate(manager, slot.engine, dataclasses.replace(
+                    gen, seed=None if gen.seed is None else gen.seed + i))
+                for i in range(body.n or 1))))
         except ServingError as exc:
             return _serving_error(exc)
+        except ClientGone:
+            return _error(499, "the client closed the connection", "client_closed")
         finally:
             slot.release()
+            release()
         choices = [({"index": i, "message": {"role": "assistant", "content": r.text},
                      "finish_reason": r.finish_reason, "logprobs": _logprobs_json(r)} if chat else
                     {"index": i, "text": r.text, "finish_reason": r.finish_reason,
@@ -301,9 +387,11 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
         first = await events.__anext__()
     except ServingError as exc:
         slot.release()
+        release()
         return _serving_error(exc)
     if isinstance(first, Failed):
         slot.release()
+        release()
         return _serving_error(first.error)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -351,6 +439,7 @@ async def _complete(request: Request, body: _Body, prompt: PromptInput,
         finally:
             await events.aclose()
             slot.release()
+            release()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache"})
@@ -384,19 +473,19 @@ def _model_card(policy: Any, index: int) -> dict[str, Any]:
 
 @router.post("/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": ChatCompletionBody.model_json_schema()}}}})
-async def chat_completions(request: Request, _user: CurrentUser) -> Any:
+async def chat_completions(request: Request, user: CurrentUser) -> Any:
     """OpenAI's chat completions (`stream: true` for server-sent events)."""
     body = await _parse(request, ChatCompletionBody)
     if isinstance(body, JSONResponse):
         return body
     assert isinstance(body, ChatCompletionBody)
-    return await _complete(request, body, _chat_prompt(body.messages),
+    return await _complete(request, user, body, _chat_prompt(body.messages),
                            body.max_completion_tokens or body.max_tokens, chat=True)
 
 
 @router.post("/completions", openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": CompletionBody.model_json_schema()}}}})
-async def completions(request: Request, _user: CurrentUser) -> Any:
+async def completions(request: Request, user: CurrentUser) -> Any:
     """OpenAI's (legacy) text completions: the prompt is used as is, no chat template."""
     body = await _parse(request, CompletionBody)
     if isinstance(body, JSONResponse):
@@ -405,7 +494,7 @@ async def completions(request: Request, _user: CurrentUser) -> Any:
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     if not prompt:
         return _error(400, "the prompt is empty")
-    return await _complete(request, body, prompt, body.max_tokens, chat=False)
+    return await _complete(request, user, body, prompt, body.max_tokens, chat=False)
 
 
 @router.get("/serving")

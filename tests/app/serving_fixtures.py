@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from app.deploy import DeploymentManager
+from app.local_engine import LocalEngine
 from app.main import create_app
 from app.policy_engine import (
     Engine,
     Generation,
     GenerationRequest,
-    HFEngine,
     ServedPolicy,
     generate_blocking,
 )
@@ -51,7 +51,7 @@ def expected(weights: Path, prompt: Any, max_tokens: int) -> Generation:
     per (model, prompt, max_tokens)."""
     key = (str(weights), repr(prompt), max_tokens)
     if key not in _EXPECTED:
-        engine = HFEngine(ServedPolicy(0, "reference", "tiny", str(weights)))
+        engine = LocalEngine(ServedPolicy(0, "reference", "tiny", str(weights)))
         try:
             _EXPECTED[key] = generate_blocking(engine, GenerationRequest(
                 prompt=prompt, max_tokens=max_tokens, temperature=0.0), timeout_s=120)

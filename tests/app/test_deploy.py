@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.policy_engine import Delta, HFEngine, ServedPolicy
+from app.local_engine import LocalEngine
+from app.policy_engine import Delta, ServedPolicy
 from store import deployments
 from store.models import PolicyStatus, PolicyVersion
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
@@ -66,11 +67,16 @@ class HangingEngine:
         self.closed.set()
 
 
-class RaisingEngine(HFEngine):
-    """A real engine whose model fails inside generate()."""
+class RaisingEngine(LocalEngine):
+    """A real engine whose model fails inside its forward pass."""
 
-    def _generate(self, job):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def __init__(self, policy):
+        super().__init__(policy)
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        self.generator.decoder.forward = fail
 
 
 def _loader(faulty: dict):
@@ -80,7 +86,7 @@ def _loader(faulty: dict):
             return HangingEngine(policy)
         if kind == "raise":
             return RaisingEngine(policy)
-        return HFEngine(policy)
+        return LocalEngine(policy)
     return load
 
 
@@ -157,23 +163,22 @@ def test_promote_switches_and_rollback_returns_to_the_warm_previous(sqlite_db, s
     assert _statuses(sqlite_db) == {"v1": PolicyStatus.deployed, "v2": PolicyStatus.retired}
 
 
-class GatedEngine(HFEngine):
+class GatedEngine(LocalEngine):
     """Pauses each generation after its first piece of text until `gate` is set."""
 
     gate = threading.Event()
     closed = threading.Event()
 
-    def _generate(self, job):
-        original, first = job.emit, [True]
+    def submit(self, request, emit):
+        first = [True]
 
-        def emit(event):
-            original(event)
+        def gated(event):
+            emit(event)
             if isinstance(event, Delta) and first[0]:
                 first[0] = False
                 assert self.gate.wait(60)
 
-        job.emit = emit
-        return super()._generate(job)
+        return super().submit(request, gated)
 
     def close(self):
         type(self).closed.set()
@@ -186,7 +191,7 @@ def test_a_stream_in_flight_finishes_on_its_version_across_two_switches(sqlite_d
     ids = {n: register(sqlite_db, n, tiny_policies[n]) for n in names}
     _deploy(sqlite_db, ids["v1"])
     GatedEngine.gate.set()  # the smoke test must pass
-    app = serve(sqlite_db, load=lambda p: (GatedEngine if p.name == "v1" else HFEngine)(p))
+    app = serve(sqlite_db, load=lambda p: (GatedEngine if p.name == "v1" else LocalEngine)(p))
     _serving(app, "v1")
     GatedEngine.gate.clear()
     stream = app.client(max_retries=0).completions.create(

@@ -8,10 +8,11 @@ import httpx
 import openai
 import pytest
 
-from app.policy_engine import Busy, Delta, GenerationRequest, ServedPolicy, StopText
+from app.policy_engine import Busy, Delta, GenerationRequest, ServedPolicy
 from store import deployments
 from tests.app.serving_fixtures import *  # noqa: F403  (fixtures and helpers)
 from tests.app.serving_fixtures import expected, register, wait_until
+from training.generation import StopText
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
@@ -192,10 +193,11 @@ def test_serving_status_names_the_current_version_for_admins(served_v1):
             body["previous"], body["last_switch"]["to_name"]) == (200, "hf", "v1", None, "v1")
 
 
-def test_hf_engine_streams_deltas_that_add_up_to_the_answer(tiny_policies):
-    from app.policy_engine import Done, HFEngine
+def test_local_engine_streams_deltas_that_add_up_to_the_answer(tiny_policies):
+    from app.local_engine import LocalEngine
+    from app.policy_engine import Done
 
-    engine = HFEngine(ServedPolicy(1, "v1", "tiny", str(tiny_policies["v1"])))
+    engine = LocalEngine(ServedPolicy(1, "v1", "tiny", str(tiny_policies["v1"])))
     events = []
     done = __import__("threading").Event()
 

@@ -31,10 +31,10 @@ from app.policy_engine import (
     GenerationRequest,
     InvalidRequest,
     ServedPolicy,
-    UpstreamEngine,
     UpstreamNotReady,
     generate_blocking,
 )
+from app.upstream_engine import UpstreamEngine
 from store import deployments
 from store.models import PolicyStatus, PolicyVersion
 from tests.app.helpers import free_port
