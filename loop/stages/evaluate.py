@@ -55,38 +55,28 @@ def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> tor
 
 
 def trajectory_kls(policy: Any, reference: Any, sequences: Sequence[tuple[Sequence[int], int]],
-                   *, pad_id: int = 0, batch_size: int = 8) -> list[float]:
+                   *, batch_size: int = 16) -> list[float]:
     """Summed per-position KL(policy || reference) along each completion, in batches.
 
     Args:
+        policy, reference: generation engines (training.generation.GenerationEngine): their
+            `completion_logits` run the teacher-forced pass in the generation dtype, the
+            prompts' shared prefix once. The same engine twice gives zeros without a pass.
         sequences: (prompt + completion token ids, number of prompt tokens) per row.
-        pad_id: any token id; padding sits to the right of every real token, so causal
-            attention never lets it change a real position's logits.
     Returns:
         One float per row (0.0 for an empty completion).
     """
-    import torch
-
-    from training.data import collate_sequences
-
     kls = [0.0] * len(sequences)
+    if reference is policy:
+        return kls
     rows = [i for i, (ids, n_prompt) in enumerate(sequences) if len(ids) > n_prompt]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = collate_sequences([list(sequences[i][0][:sequences[i][1]]) for i in chunk],
-                                  [list(sequences[i][0][sequences[i][1]:]) for i in chunk],
-                                  pad_id)
-        input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        with torch.no_grad():
-            policy_logits = policy(input_ids=input_ids, attention_mask=mask).logits
-            reference_logits = (policy_logits if reference is policy else
-                                reference(input_ids=input_ids, attention_mask=mask).logits)
-        for row, i in enumerate(chunk):
-            length, n_prompt = len(sequences[i][0]), sequences[i][1]
-            # Logits at position t predict token t+1: the completion tokens are predicted by
-            # positions n_prompt-1 .. len-2.
-            span = slice(n_prompt - 1, length - 1)
-            kls[i] = float(token_kl(policy_logits[row, span], reference_logits[row, span]).sum())
+        pairs = [(list(sequences[i][0][:sequences[i][1]]), list(sequences[i][0][sequences[i][1]:]))
+                 for i in chunk]
+        for i, p_logits, r_logits in zip(chunk, policy.completion_logits(pairs),
+                                         reference.completion_logits(pairs), strict=True):
+            kls[i] = float(token_kl(p_logits, r_logits).sum())
     return kls
 
 
@@ -105,26 +95,29 @@ def evaluate_policies(candidate_dir: str, deployed_dir: str, reference_dir: str,
     "candidate_tokens": [...], "timings": {...}}.
     """
     set_threads()
-    import torch
-
-    from training.models import load_policy
     from training.rollout import HFRolloutEngine
 
     timings: dict[str, float] = {}
     sampling = sampling_params({"temperature": 0.0, **params}, n=1)  # greedy by default
     started = time.perf_counter()
-    engine = HFRolloutEngine(candidate_dir, dtype=dtype, batch_size=batch_size)
-    candidate = [group[0] for group in engine.generate(list(prompts), sampling)]
-    del engine
-    engine = HFRolloutEngine(deployed_dir, dtype=dtype, batch_size=batch_size)
-    deployed = [group[0] for group in engine.generate(list(prompts), sampling)]
-    del engine
-    timings["generate_s"] = time.perf_counter() - started
+    candidate_engine = HFRolloutEngine(candidate_dir, dtype=dtype, batch_size=batch_size)
+    candidate = [group[0] for group in candidate_engine.generate(list(prompts), sampling)]
+    deployed_engine = HFRolloutEngine(deployed_dir, dtype=dtype, batch_size=batch_size)
+    deployed = [group[0] for group in deployed_engine.generate(list(prompts), sampling)]
+    timings["generate_s"] = time.perf_counter() - started  # model loads included
 
+    # The KL runs on the generation engines, in the generation dtype; the reference is the
+    # candidate's or the deployed policy's engine when it is one of them.
     started = time.perf_counter()
-    policy = load_policy(candidate_dir, dtype=torch.float32).eval()
-    reference = policy if Path(reference_dir).resolve() == Path(candidate_dir).resolve() else \
-        load_policy(reference_dir, dtype=torch.float32).eval()
+    policy = candidate_engine.engine
+    where = str(Path(reference_dir).resolve())
+    if where == str(Path(candidate_dir).resolve()):
+        reference = policy
+    elif where == str(Path(deployed_dir).resolve()):
+        reference = deployed_engine.engine
+    else:
+        del deployed_engine
+        reference = HFRolloutEngine(reference_dir, dtype=dtype, batch_size=batch_size).engine
     kls = trajectory_kls(policy, reference,
                          [(list(r.prompt_ids) + list(r.completion_ids), len(r.prompt_ids))
                           for r in candidate], batch_size=max(1, min(batch_size, 16)))

@@ -1,5 +1,6 @@
-"""The evaluate stage's KL: exact per-position KL against a closed form, and the batched
-trajectory KL equal to one sequence at a time on a tiny model built in-process."""
+"""The evaluate stage's KL: exact per-position KL against a closed form, and the trajectory KL
+the generation engines compute (batched, the shared prefix once) equal to Hugging Face's own
+forward pass on two tiny models built in-process."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def test_token_kl_equals_the_closed_form():
 
 @pytest.fixture(scope="module")
 def two_tiny_models(tmp_path_factory):
+    from training.generation import GenerationEngine
     from training.models import (
         convert_bundled_tokenizer,
         load_policy,
@@ -34,25 +36,30 @@ def two_tiny_models(tmp_path_factory):
     tokenizer = load_tokenizer(str(convert_bundled_tokenizer("smollm2-135m-instruct")))
     paths = [save_tiny_model(tmp_path_factory.mktemp(f"tiny-{seed}"), tokenizer, seed=seed)
              for seed in (0, 1)]
-    return [load_policy(str(path), dtype=torch.float32).eval() for path in paths]
+    models = [load_policy(str(path), dtype=torch.float32).eval() for path in paths]
+    engines = [GenerationEngine(load_policy(str(path), dtype=torch.float32), tokenizer)
+               for path in paths]
+    return models, engines
 
 
-def test_batched_trajectory_kl_equals_one_sequence_at_a_time(two_tiny_models):
-    policy, reference = two_tiny_models
+def test_trajectory_kl_on_the_engines_equals_hf_one_sequence_at_a_time(two_tiny_models):
+    (policy_model, reference_model), (policy, reference) = two_tiny_models
     generator = torch.Generator().manual_seed(0)
+    shared = torch.randint(10, 1000, (20,), generator=generator).tolist()  # a common prefix
     sequences = []
     for prompt_len, completion_len in ((5, 3), (9, 7), (4, 0), (12, 1), (6, 11)):
         ids = torch.randint(10, 1000, (prompt_len + completion_len,), generator=generator)
-        sequences.append((ids.tolist(), prompt_len))
+        sequences.append((shared + ids.tolist(), len(shared) + prompt_len))
     batched = trajectory_kls(policy, reference, sequences, batch_size=4)
     single = trajectory_kls(policy, reference, sequences, batch_size=1)
     assert batched == pytest.approx(single, abs=1e-5)
     assert batched[2] == 0.0  # an empty completion has no KL
     assert all(kl > 0 for i, kl in enumerate(batched) if i != 2)
-    # By hand for one row: the positions that predict the completion tokens.
-    ids, n_prompt = sequences[1]
-    with torch.no_grad():
-        lp = policy(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1]
-        lr = reference(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1]
-    assert batched[1] == pytest.approx(float(token_kl(lp, lr).sum()), abs=1e-5)
+    for i, (ids, n_prompt) in enumerate(sequences):
+        # By hand with Hugging Face's forward: the positions that predict the completion.
+        with torch.no_grad():
+            lp = policy_model(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1:len(ids) - 1]
+            lr = reference_model(input_ids=torch.tensor([ids])).logits[0,
+                                                                       n_prompt - 1:len(ids) - 1]
+        assert batched[i] == pytest.approx(float(token_kl(lp, lr).sum()), abs=1e-4)
     assert trajectory_kls(policy, policy, sequences) == [0.0] * len(sequences)
