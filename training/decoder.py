@@ -62,8 +62,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
 
 
+def causal_bias(query_positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive causal mask of `grouped_attention`: 0 where key position <= the query's,
+    -inf elsewhere, shaped (B, 1, T, 1, L) to broadcast over K/V heads and query groups.
+    Computed once per forward pass and shared by every layer."""
+    import torch
+
+    key_positions = torch.arange(length, device=query_positions.device)
+    hidden = key_positions.view(1, 1, length) > query_positions.unsqueeze(-1)  # (B, T, L)
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=query_positions.device)
+    bias.masked_fill_(hidden, float("-inf"))
+    return bias.unsqueeze(1).unsqueeze(3)
+
+
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      query_positions: torch.Tensor, scale: float) -> torch.Tensor:
+                      query_positions: torch.Tensor, scale: float,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal scaled dot-product attention (Vaswani et al. 2017, eq. 1) with grouped-query
     heads (Ainslie et al. 2023): query head h reads key/value head h // (heads / kv_heads).
 
@@ -74,6 +88,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             at positions <= its own (so cache entries beyond a row's length, stale or padding,
             are never read).
         scale: the softmax temperature, usually d ** -0.5.
+        bias: `causal_bias(query_positions, L)`, when the caller has it already.
     Returns:
         (B, T, heads * d).
     """
@@ -85,12 +100,11 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     # (B, T, kv, g, d) -> (B, kv, T*g, d): the g query heads of a K/V head share its matmul.
     grouped = q.view(batch, steps, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
     grouped = grouped.reshape(batch, kv_heads, steps * group, dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (B, kv, T*g, L)
-    key_positions = torch.arange(length, device=q.device)
-    hidden = key_positions.view(1, 1, length) > query_positions.unsqueeze(-1)  # (B, T, L)
-    scores = scores.view(batch, kv_heads, steps, group, length)
-    scores = scores.masked_fill(hidden.view(batch, 1, steps, 1, length), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    scores = torch.matmul(grouped * scale, keys.transpose(-1, -2))  # (B, kv, T*g, L)
+    if bias is None:
+        bias = causal_bias(query_positions, length, torch.float32)
+    scores = scores.float().view(batch, kv_heads, steps, group, length) + bias
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.matmul(probs.view(batch, kv_heads, steps * group, length), values)
     out = out.view(batch, kv_heads, steps, group, dim).permute(0, 2, 1, 3, 4)
     return out.reshape(batch, steps, heads * dim)
@@ -331,6 +345,7 @@ class FusedDecoder:
         rows = torch.arange(batch, device=tokens.device).unsqueeze(1)
         x = self.embed(tokens)
         cos, sin = self.rotary(x, position_ids=positions)
+        bias = causal_bias(positions, length, torch.float32)
         q_size = self.heads * self.head_dim
         kv_size = self.kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
@@ -346,7 +361,7 @@ class FusedDecoder:
             keys[rows, :, positions] = k
             values[rows, :, positions] = v
             attended = grouped_attention(q, keys[:, :, :length], values[:, :, :length],
-                                         positions, self.scale)
+                                         positions, self.scale, bias)
             x = x + layer.o_proj(attended)
             h = rms_norm(x, layer.post_norm.weight, self.eps)
             gate, up = layer.gate_up(h).chunk(2, -1)
@@ -357,5 +372,5 @@ class FusedDecoder:
         return self.lm_head(hidden)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "SlotCache", "apply_rotary",
+__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "SlotCache", "apply_rotary", "causal_bias",
            "grouped_attention", "rms_norm", "unsupported_reason"]

@@ -71,8 +71,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     greedy = temperature <= 0
     divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = scores / divisor.unsqueeze(-1).to(scores.dtype)
-    # One softmax serves the sampling, and the chosen token's log-probability is read from
-    # the log-sum-exp: a full log_softmax would be another pass over the vocabulary.
+    # The chosen token's log-probability is its scaled logit minus the log-sum-exp: a full
+    # log_softmax would be another pass over the vocabulary, and the sampled rows' softmax
+    # is computed from the same normaliser.
     log_normaliser = torch.logsumexp(scaled, dim=-1)
     tokens = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     if bool(greedy.any()):
