@@ -264,15 +264,12 @@ class GenerationEngine:
         """Copy tensors (Hugging Face names) into the model between two steps."""
         import torch
 
+        from training.models import check_weights
+
         with self._step_lock, torch.no_grad():
             own = self.model.state_dict()
-            unknown = sorted(set(state) - set(own))
-            if unknown:
-                raise KeyError(f"weights not in the rollout model: {unknown[:5]}")
+            check_weights(state, {name: tensor.shape for name, tensor in own.items()})
             for name, tensor in state.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != "
-                                     f"{tuple(own[name].shape)}")
                 own[name].copy_(tensor.to(device=own[name].device, dtype=own[name].dtype))
             self.decoder.refresh()
             self._prefix = None

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,6 +218,17 @@ def load_fresh_causal_lm(model: str, dtype: torch.dtype) -> Any:
     fresh = AutoModelForCausalLM.from_config(merged.config, dtype=dtype)
     fresh.load_state_dict(merged.state_dict())
     return fresh
+
+
+def check_weights(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Any]) -> None:
+    """A weight sync's tensors against the receiving model's (name -> shape): KeyError for
+    names it does not have, ValueError for a shape that differs."""
+    unknown = sorted(set(state) - set(shapes))
+    if unknown:
+        raise KeyError(f"weights not in the rollout model: {unknown[:5]}")
+    for name, tensor in state.items():
+        if tuple(shapes[name]) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(shapes[name])}")
 
 
 def load_reward_backbone(

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 from training.models import load_fresh_causal_lm, torch_dtype
-from training.sequences import PromptInput, encode_prompt
+from training.sequences import PromptInput, check_sampling, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,9 @@ class SamplingParams:
     """Same seed, same prompts, same weights -> the same samples. None: fresh randomness."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.stop)
         if self.n < 1:
             raise ValueError("n must be >= 1")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass(frozen=True)

@@ -190,17 +190,13 @@ class VLLMRolloutEngine:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
+        from training.models import check_weights
+
         current = self._weights
         if current is None:
             current = {}
         else:
-            unknown = sorted(set(state) - set(current))
-            if unknown:
-                raise KeyError(f"weights not in the rollout model: {unknown[:5]}")
-            for name, tensor in state.items():
-                if current[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != "
-                                     f"{tuple(current[name].shape)}")
+            check_weights(state, {name: tensor.shape for name, tensor in current.items()})
         merged = {**current, **{name: tensor.detach().to("cpu", current[name].dtype
                                                           if name in current else tensor.dtype)
                                 for name, tensor in state.items()}}

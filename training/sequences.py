@@ -15,6 +15,19 @@ from typing import Any
 PromptInput = str | list[dict[str, str]]
 """A chat (list of messages) gets the chat template + generation prompt; a str is used as is."""
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float,
+                   stop: Sequence[str]) -> None:
+    """ValueError naming the first sampling setting out of range."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    if any(not s for s in stop):
+        raise ValueError("stop strings must be non-empty")
+
+
 @dataclass(frozen=True)
 class SequenceRequest:
     """One sequence to generate.
@@ -37,14 +50,7 @@ class SequenceRequest:
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("the prompt is empty")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.stop)
 
 
 @dataclass(frozen=True)
@@ -162,4 +168,4 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
 
 __all__ = ["EngineClosed", "EngineEvent", "Errored", "Finished", "PromptInput",
            "SequenceRequest", "SequenceResult", "Sink", "StopText", "TextDelta",
-           "TokenAlternatives", "common_prefix", "encode_prompt"]
+           "TokenAlternatives", "check_sampling", "common_prefix", "encode_prompt"]
