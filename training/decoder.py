@@ -138,23 +138,32 @@ class SlotCache:
     def bytes_per_position(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.keys.element_size()
 
-    def ensure(self, slots: int, capacity: int, *, keep_slots: int) -> None:
+    def ensure(self, slots: int, capacity: int, *, keep_slots: int,
+               max_positions: int | None = None) -> None:
         """At least `slots` rows of at least `capacity` positions; the first `keep_slots` rows
-        keep their contents (the others are scratch)."""
-        import torch
-
+        keep their contents (the others are scratch). With `max_positions` (slots x capacity,
+        the KV budget), a cache grown for an earlier, longer request is cut back to `capacity`
+        rather than keeping its length for the new slots too."""
         if slots <= self.slots and capacity <= self.capacity:
             return
         # Positions grow to a multiple of 64, so a slightly longer request does not copy the
         # whole cache every time (the engine grows the slots in doublings).
-        new_slots = max(self.slots, slots)
         new_capacity = max(self.capacity, -(-capacity // 64) * 64)
-        shape = (self.layers, new_slots, self.kv_heads, new_capacity, self.head_dim)
+        new_slots = max(self.slots, slots)
+        if max_positions is not None and new_slots * new_capacity > max_positions:
+            new_slots, new_capacity = slots, -(-capacity // 64) * 64
+        self._reallocate(new_slots, new_capacity, keep_slots)
+
+    def _reallocate(self, slots: int, capacity: int, keep_slots: int) -> None:
+        import torch
+
+        shape = (self.layers, slots, self.kv_heads, capacity, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if keep_slots and self.capacity:
-            keys[:, :keep_slots, :, :self.capacity] = self.keys[:, :keep_slots]
-            values[:, :keep_slots, :, :self.capacity] = self.values[:, :keep_slots]
+        kept = min(self.capacity, capacity)
+        if keep_slots and kept:
+            keys[:, :keep_slots, :, :kept] = self.keys[:, :keep_slots, :, :kept]
+            values[:, :keep_slots, :, :kept] = self.values[:, :keep_slots, :, :kept]
         self.keys, self.values = keys, values
 
     def move(self, source: int, target: int, length: int) -> None:

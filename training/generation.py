@@ -374,9 +374,11 @@ class GenerationEngine:
         capacity = max(len(s.request.prompt_ids) + s.request.max_new_tokens
                        for s in [*self._active, *slots])
         wanted = first + len(slots)
+        # Slots grow in doublings, within the batch cap and the KV budget.
+        room = max(wanted, self.kv_positions // capacity)
         self.cache.ensure(wanted if wanted <= self.cache.slots else
-                          min(self.max_batch, max(wanted, 2 * self.cache.slots)),
-                          capacity, keep_slots=first)
+                          min(self.max_batch, room, max(wanted, 2 * self.cache.slots)),
+                          capacity, keep_slots=first, max_positions=self.kv_positions)
         hidden, prefix = self._prefill(distinct, first)
         last_hidden = hidden[torch.arange(len(distinct), device=hidden.device),
                              torch.tensor([len(p) - prefix - 1 for p in distinct],

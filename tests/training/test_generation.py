@@ -206,3 +206,21 @@ def test_closing_fails_what_is_queued_and_refuses_new_work(engine: Any) -> None:
     assert isinstance(queued.events[-1].error, EngineClosed)
     with pytest.raises(EngineClosed):
         engine.submit(_request(engine, CHATS[0], 5), Collector())
+
+
+def test_a_cache_grown_for_a_long_request_is_cut_back_within_the_budget(
+        tiny_model_dir: Path) -> None:
+    probe = GenerationEngine.from_pretrained(str(tiny_model_dir))
+    per_position = probe.cache.bytes_per_position()
+    budget = 8 * 64  # eight short sequences, or two long ones
+    engine = GenerationEngine.from_pretrained(str(tiny_model_dir), max_batch=8,
+                                              max_context=256,
+                                              kv_cache_gb=budget * per_position / 2**30)
+    long = _request(engine, CHATS[0], 256 - len(engine.encode(CHATS[0])), temperature=0.0)
+    engine.run([long])
+    assert engine.cache.capacity == 256
+    short = [_request(engine, CHATS[i % 3], 8, temperature=0.0) for i in range(8)]
+    results = engine.run(short)
+    assert engine.peak_batch == 8
+    assert (engine.cache.slots, engine.cache.capacity) == (8, 64)  # 8 x 64 <= the budget
+    assert [r.completion_ids for r in results] == [r.completion_ids for r in probe.run(short)]
