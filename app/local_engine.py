@@ -12,6 +12,7 @@ answers Busy (503) at once instead of piling up work until memory runs out.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,18 +64,27 @@ class LocalEngine(EngineBase):
         self.generator.start()
 
     def close(self) -> None:
+        """Refuse new work now; stop the engine's thread and drop the model in another thread
+        (this is called on the event loop when a retired version's last request ends, and the
+        engine finishes its current step first)."""
         self._closed = True
-        self.generator.close()
+        threading.Thread(target=self.generator.close, daemon=True,
+                         name=f"close-{self.policy.name}").start()
 
     def _encode(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             # /v1/completions: the prompt as is, no special tokens added.
             return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(f"{self.policy.name!r} has no chat template: use "
+                                 "/v1/completions with a text prompt")
         try:
             return self.generator.encode(prompt)
-        except ValueError as exc:
-            raise InvalidRequest(f"{self.policy.name!r} has no chat template: use "
-                                 "/v1/completions with a text prompt") from exc
+        except Exception as exc:
+            # A template may refuse the messages (raise_exception: a system role it does not
+            # take, turns that do not alternate): the request's fault, a 400.
+            raise InvalidRequest(f"the chat template of {self.policy.name!r} refused these "
+                                 f"messages: {exc}") from exc
 
     def _enqueue(self, job: Job) -> None:
         if self.generator.busy >= self.max_pending:

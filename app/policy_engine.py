@@ -238,7 +238,13 @@ class EngineBase:
         if self._closed:
             raise NotServing(f"the engine of {self.policy.name!r} is closed")
         job = Job(request, emit)
-        self._enqueue(job)
+        try:
+            self._enqueue(job)
+        except ServingError:
+            raise
+        except Exception as exc:  # the engine's fault, never the caller's: 502, not 500
+            raise EngineFailed(f"could not queue the request: {type(exc).__name__}: {exc}"
+                               ) from exc
         return job
 
     def _enqueue(self, job: Job) -> None:

@@ -201,8 +201,10 @@ class GenerationEngine:
 
         if not requests:
             return []
-        handles = [self.submit(request, collect(index)) for index, request in enumerate(requests)]
+        handles: list[Handle] = []
         try:
+            for index, request in enumerate(requests):
+                handles.append(self.submit(request, collect(index)))
             if self._thread is not None:
                 done.wait()
             else:
@@ -245,8 +247,9 @@ class GenerationEngine:
 
     @property
     def busy(self) -> int:
-        """Requests running or waiting."""
-        return len(self._active) + len(self._pending)
+        """Requests running, being admitted or waiting (cancelled ones do not count)."""
+        waiting = sum(not s.cancelled.is_set() for s in list(self._pending))
+        return len(self._active) + len(self._admitting) + waiting
 
     def _loop(self) -> None:
         while True:
@@ -294,8 +297,9 @@ class GenerationEngine:
                 # The model failed: the sequences in this step get the error (none is left
                 # waiting for an answer that will not come); queued ones are untouched.
                 for sequence in [*self._active, *self._admitting]:
-                    sequence.finish = "error"
-                    sequence.send(Errored(exc))
+                    if not sequence.finish:  # those finished this step have had their event
+                        sequence.finish = "error"
+                        sequence.send(Errored(exc))
                 self._active, self._admitting = [], []
                 raise
             self.tokens_generated += produced
@@ -326,13 +330,13 @@ class GenerationEngine:
         need = max((len(s.request.prompt_ids) + s.request.max_new_tokens for s in self._active),
                    default=0)
         with self._lock:
+            # Cancelled requests leave the queue at once, wherever they wait, so they neither
+            # hold a place in it nor count as busy.
+            dropped = [s for s in self._pending if s.cancelled.is_set()]
+            if dropped:
+                self._pending = deque(s for s in self._pending if not s.cancelled.is_set())
             while self._pending and len(self._active) + len(taken) < self.max_batch:
                 sequence = self._pending[0]
-                if sequence.cancelled.is_set():
-                    self._pending.popleft()
-                    sequence.finish = "cancelled"
-                    sequence.send(Finished(self._result(sequence)))
-                    continue
                 request = sequence.request
                 new_prompt = request.prompt_ids not in prompts
                 cost = len(request.prompt_ids) if new_prompt else 0
@@ -348,6 +352,9 @@ class GenerationEngine:
                 prompts.add(request.prompt_ids)
                 prefill += cost
                 need = wanted
+        for sequence in dropped:
+            sequence.finish = "cancelled"
+            sequence.send(Finished(self._result(sequence)))
         return taken
 
     def _admit(self) -> int:

@@ -123,6 +123,7 @@ class HFRolloutEngine:
             raise ValueError("batch_size must be >= 1")
         self.dtype = torch_dtype(dtype)
         self.progress = progress
+        self.kv_cache_gb = kv_cache_gb
         self.engine = GenerationEngine(
             load_fresh_causal_lm(model, self.dtype).to(device), load_tokenizer(tokenizer or model),
             max_batch=batch_size, kv_cache_gb=kv_cache_gb)
@@ -154,7 +155,7 @@ class HFRolloutEngine:
 
         old = self.engine
         self.engine = GenerationEngine(load_fresh_causal_lm(model_dir, self.dtype).to(
-            self._device), old.tokenizer, max_batch=old.max_batch)
+            self._device), old.tokenizer, max_batch=old.max_batch, kv_cache_gb=self.kv_cache_gb)
 
     # ------------------------------------------------------------------ generation
 

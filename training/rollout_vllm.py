@@ -194,11 +194,11 @@ class VLLMRolloutEngine:
 
         current = self._weights
         if current is None:
-            current = {}
-        else:
-            check_weights(state, {name: tensor.shape for name, tensor in current.items()})
-        merged = {**current, **{name: tensor.detach().to("cpu", current[name].dtype
-                                                          if name in current else tensor.dtype)
+            raise ValueError("weight sync with vLLM needs the model as a local folder (each sync "
+                             "sends the whole state, the learner's tensors merged into the "
+                             "checkpoint); download the model and pass its folder")
+        check_weights(state, {name: tensor.shape for name, tensor in current.items()})
+        merged = {**current, **{name: tensor.detach().to("cpu", current[name].dtype)
                                 for name, tensor in state.items()}}
         payload = save({name: tensor.contiguous() for name, tensor in merged.items()})
         loaded = self.llm.collective_rpc("prefloop_load_weights", args=(payload,))

@@ -249,15 +249,47 @@ async def _unless_disconnected(http: Request, work: Awaitable[Any]) -> Any:
     an abandoned request must not keep generating. (Streams need no watch: Starlette cancels a
     streaming response whose client went away.)"""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await http.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ClientGone
+    finally:  # gone, or this handler cancelled: the work stops with it
+        if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            raise ClientGone
+
+
+async def _all_or_none(work: list[Awaitable[Generation]]) -> list[Generation]:
+    """The n generations of one request, together; the first failure cancels the others
+    (their engine jobs stop) and is raised."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _StreamThenRelease(StreamingResponse):
+    """A stream that calls `on_close` when the response ends however it ends: sent, client
+    gone, or never started (a server may cancel before the body is iterated)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 class ClientGone(Exception):
@@ -325,8 +357,13 @@ async def _complete(request: Request, user: User, body: _Body, prompt: PromptInp
     gen = _generation_request(body, prompt, request.app.state.settings, max_tokens)
     if isinstance(gen, JSONResponse):
         return gen
+    limit = _limit(request)
+    count = 1 if body.stream else body.n or 1
+    if count > limit.limit:
+        return _error(400, f"n = {count} is more than the {limit.limit} generations one token "
+                      "may run at once on this server", param="n")
     try:
-        release = _limit(request).acquire(_limit_key(user), 1 if body.stream else body.n or 1)
+        release = limit.acquire(_limit_key(user), count)
     except TooManyRequests as exc:
         return _serving_error(exc)
     try:
@@ -346,10 +383,19 @@ async def _complete_held(request: Request, manager: DeploymentManager, body: _Bo
     except ServingError as exc:
         release()
         return _serving_error(exc)
+    released = False
+
+    def done() -> None:
+        """Give back the version's slot and the token's concurrency, once."""
+        nonlocal released
+        if not released:
+            released = True
+            slot.release()
+            release()
+
     policy = slot.policy
     if gen.top_logprobs is not None and not getattr(slot.engine, "supports_logprobs", False):
-        slot.release()
-        release()
+        done()
         return _error(400, f"logprobs are not available from the backend serving "
                       f"{policy.name!r} (PREFLOOP_SERVING=upstream); ask without them",
                       param="logprobs")
@@ -361,17 +407,16 @@ async def _complete_held(request: Request, manager: DeploymentManager, body: _Bo
     if not body.stream:
         try:
             # The n answers generate together (they share the prompt's prefill).
-            results = await _unless_disconnected(request, asyncio.gather(*(
+            results = await _unless_disconnected(request, _all_or_none([
                 _generate(manager, slot.engine, dataclasses.replace(
                     gen, seed=None if gen.seed is None else gen.seed + i))
-                for i in range(body.n or 1))))
+                for i in range(body.n or 1)]))
         except ServingError as exc:
             return _serving_error(exc)
         except ClientGone:
             return _error(499, "the client closed the connection", "client_closed")
         finally:
-            slot.release()
-            release()
+            done()
         choices = [({"index": i, "message": {"role": "assistant", "content": r.text},
                      "finish_reason": r.finish_reason, "logprobs": _logprobs_json(r)} if chat else
                     {"index": i, "text": r.text, "finish_reason": r.finish_reason,
@@ -386,12 +431,13 @@ async def _complete_held(request: Request, manager: DeploymentManager, body: _Bo
         events = _events(manager, slot.engine, gen)
         first = await events.__anext__()
     except ServingError as exc:
-        slot.release()
-        release()
+        done()
         return _serving_error(exc)
+    except BaseException:
+        done()
+        raise
     if isinstance(first, Failed):
-        slot.release()
-        release()
+        done()
         return _serving_error(first.error)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -438,11 +484,10 @@ async def _complete_held(request: Request, manager: DeploymentManager, body: _Bo
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
-            slot.release()
-            release()
+            done()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache"})
+    return _StreamThenRelease(stream(), done, media_type="text/event-stream",
+                              headers={**headers, "Cache-Control": "no-cache"})
 
 
 @router.get("/models")

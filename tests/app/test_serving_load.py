@@ -106,11 +106,70 @@ def test_one_token_cannot_run_more_than_its_limit(sqlite_db, serve, tiny_policie
             error = refused.json()["error"]
             assert error["type"] == "rate_limit_exceeded"
             assert "2 concurrent generations" in error["message"]
-            n_over = client.post(url, headers=headers, json=_body(4, n=3))
-            assert n_over.status_code == 429  # n counts as n generations
+            n_two = client.post(url, headers=headers, json=_body(4, n=2))
+            assert n_two.status_code == 429  # n counts as n generations
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
         wait_until(lambda: generator.busy == 0, timeout_s=60)
         again = client.post(url, headers=headers, json=_body(4))
         assert again.status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_and_frees_the_slot(
+        sqlite_db, serve, tiny_policies, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "v1-no-system"
+    shutil.copytree(tiny_policies["v1"], folder)
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}"
+                "{{ m['content'] }}{% endfor %}")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    for extra in folder.glob("chat_template.*"):
+        extra.unlink()
+    served = deploy_and_serve(serve, sqlite_db, "v1", folder)
+    slot = served.manager.acquire("deployed")
+    slot.release()
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]
+    headers = {"Authorization": f"Bearer {served.token}"}
+    for stream in (False, True):
+        response = httpx.post(f"{served.url}/v1/chat/completions", headers=headers, timeout=60,
+                              json={"model": "deployed", "messages": messages, "max_tokens": 4,
+                                    "stream": stream})
+        assert response.status_code == 400, response.text
+        assert "System role not supported" in response.json()["error"]["message"]
+    assert slot.in_flight == 0
+
+
+def test_when_one_of_n_answers_fails_the_others_stop(sqlite_db, serve, tiny_policies):
+    served = deploy_and_serve(serve, sqlite_db, "v1", tiny_policies["v1"],
+                              serving_max_batch=1, serving_max_queue=1)
+    generator = _engine(served)
+    _slow_down(generator)
+    headers = {"Authorization": f"Bearer {served.token}"}
+    url = f"{served.url}/v1/chat/completions"
+    with httpx.Client(timeout=120) as client, client.stream("POST", url, headers=headers,
+                       json=_body(40, stream=True)) as running:
+        assert running.status_code == 200
+        # One runs, one may wait: of n = 3, the third is refused (503), so all three end.
+        refused = client.post(url, headers=headers, json=_body(400, n=3))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["type"] == "overloaded"
+    # Neither the running stream (closed) nor the refused request's siblings keep going.
+    wait_until(lambda: generator.busy == 0, timeout_s=60)
+    assert generator.tokens_generated < 400
+
+
+def test_n_above_the_per_token_limit_is_a_400_not_a_retry(sqlite_db, serve, tiny_policies):
+    served = deploy_and_serve(serve, sqlite_db, "v1", tiny_policies["v1"],
+                              serving_max_concurrent_per_token=2)
+    headers = {"Authorization": f"Bearer {served.token}"}
+    url = f"{served.url}/v1/chat/completions"
+    assert httpx.post(url, headers=headers, json=_body(4, n=2), timeout=60).status_code == 200
+    over = httpx.post(url, headers=headers, json=_body(4, n=3), timeout=60)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "n"
+    assert "more than the 2 generations one token may run at once" in over.json()["error"][
+        "message"]

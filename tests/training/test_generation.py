@@ -224,3 +224,29 @@ def test_a_cache_grown_for_a_long_request_is_cut_back_within_the_budget(
     assert engine.peak_batch == 8
     assert (engine.cache.slots, engine.cache.capacity) == (8, 64)  # 8 x 64 <= the budget
     assert [r.completion_ids for r in results] == [r.completion_ids for r in probe.run(short)]
+
+
+def test_cancelled_requests_leave_the_queue_at_once(engine: Any) -> None:
+    running = Collector()
+    engine.max_batch = 1
+    engine.submit(_request(engine, CHATS[1], 50, temperature=0.0), running)
+    waiting = [Collector() for _ in range(3)]
+    handles = [engine.submit(_request(engine, CHATS[0], 5), sink) for sink in waiting]
+    engine.step()
+    assert engine.busy == 4
+    for handle in handles:
+        handle.cancel()
+    assert engine.busy == 1  # cancelled ones no longer count, though the batch is full
+    engine.step()
+    assert all(s.result.finish_reason == "cancelled" for s in waiting)
+    assert len(engine._pending) == 0
+
+
+def test_a_refused_request_in_run_leaves_nothing_queued(engine: Any) -> None:
+    fine = _request(engine, CHATS[0], 3, temperature=0.0)
+    with pytest.raises(ValueError, match="context"):
+        engine.run([fine, fine, SequenceRequest(tuple(range(1000)), 100)])
+    assert engine.busy == 0
+    before = engine.tokens_generated
+    assert len(engine.run([fine])[0].completion_ids) <= 3
+    assert engine.tokens_generated - before <= 3  # only this run's request was generated
