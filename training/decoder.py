@@ -13,8 +13,9 @@ Hugging Face names keeps working) and runs the forward pass as a few plain tenso
   tokens sit at cache positions 0..n-1, so a decode step for B sequences reads the first B slots
   as a view, without gathering or padding them;
 - queries of different rows may start at different positions (chunked prefill, shared-prefix
-  prefill and decode are the same call);
-- grouped-query attention without repeating K/V.
+  prefill and decode are the same call), and `forward_segments` runs a decode step and a
+  prefill in one pass over the weights;
+- grouped-query attention without repeating K/V (PyTorch's fused SDPA kernel in bf16/fp16).
 
 Supported: model types whose layers have the Llama layout (`llama`, `mistral`, `qwen2`) with a
 SiLU MLP; `unsupported_reason(model)` says why another model is not.
@@ -24,7 +25,7 @@ SiLU MLP; `unsupported_reason(model)` says why another model is not.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +111,26 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(batch, steps, heads * dim)
 
 
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """`grouped_attention` through PyTorch's fused scaled_dot_product_attention kernel.
+
+    Args:
+        q, keys, values, scale: as in `grouped_attention`.
+        allowed: (B, 1, T, L) bool, True where query t of row b may read key position l
+            (`causal_bias(...) == 0`).
+    Returns:
+        (B, T, heads * d).
+    """
+    from torch.nn import functional
+
+    batch, steps, heads, dim = q.shape
+    out = functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                  attn_mask=allowed, scale=scale,
+                                                  enable_gqa=True)
+    return out.transpose(1, 2).reshape(batch, steps, heads * dim)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache
 
@@ -186,6 +207,15 @@ class SlotCache:
 # The model
 
 
+class Segment(NamedTuple):
+    """Rows of a forward pass that share a shape: B rows of T tokens at `positions` (B, T),
+    row b in cache slot first_slot + b."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    first_slot: int = 0
+
+
 def unsupported_reason(model: Any) -> str | None:
     """None if `FusedDecoder` can run this model, else why not."""
     config = getattr(model, "config", None)
@@ -242,8 +272,10 @@ class PackedLinear:
     Why: a decode step multiplies a few dozen rows by every weight matrix once, so the GEMM's
     own per-call repacking of W is a large share of its time. Prepacked, the layer matmuls of
     SmolLM2 at batch 32 took 35 ms instead of 56 ms (30 layers' gate/up projections, fp32, 2
-    cores; BENCHMARKS.md). `refresh()` repacks after the weights changed (weight sync); without
-    oneDNN, on GPUs, or if the packed result disagrees with F.linear, it is plain F.linear.
+    cores; BENCHMARKS.md); in bf16 on AMX, 130 us instead of 189 us per gate/up matmul. fp32
+    and bf16 weights are packed. `refresh()` repacks after the weights changed (weight sync);
+    without oneDNN, on GPUs, or if the packed result disagrees with F.linear, it is plain
+    F.linear.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: bool,
@@ -259,18 +291,22 @@ class PackedLinear:
         from torch.nn import functional
 
         self.packed = None
-        if not self.pack or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+        packable = (torch.float32, torch.bfloat16)
+        if not self.pack or self.weight.device.type != "cpu" or self.weight.dtype not in packable:
             return
         try:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
                                                                  self.batch_hint)
-                probe = torch.linspace(-1, 1, 3 * self.weight.shape[1]).view(3, -1)
+                probe = torch.linspace(-1, 1, 3 * self.weight.shape[1],
+                                       dtype=self.weight.dtype).view(3, -1)
                 got = torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
                 want = functional.linear(probe, self.weight, self.bias)
         except (RuntimeError, AttributeError):
             return  # this torch build has no oneDNN linear: F.linear
-        if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        # bf16 results are rounded to 8 bits of mantissa: allow a few of its ulps.
+        tolerance = 1e-4 if self.weight.dtype == torch.float32 else 2e-2
+        if torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance):
             self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +347,8 @@ class FusedDecoder:
     """
 
     def __init__(self, model: Any, *, pack: bool = True, batch_hint: int = 32):
+        import torch
+
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"this model cannot run in prefloop's decoder: {reason}")
@@ -332,6 +370,10 @@ class FusedDecoder:
         self.lm_head = PackedLinear(head.weight, head.bias, pack=pack, batch_hint=batch_hint)
         parameter = next(model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
+        # bf16/fp16 attention through PyTorch's fused SDPA kernel: a decode step's attention
+        # is many tiny batched matmuls (3 query rows per K/V head and sequence), which oneDNN
+        # ran at ~8 GFLOP/s in bf16; fp32's go to MKL, where the plain ops are as fast.
+        self.fused_attention = self.dtype in (torch.bfloat16, torch.float16)
 
     def refresh(self) -> None:
         """Repack the weights after they changed in place (weight sync)."""
@@ -345,41 +387,72 @@ class FusedDecoder:
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotCache,
                 first_slot: int = 0) -> torch.Tensor:
+        return self.forward_segments([Segment(tokens, positions, first_slot)], cache)[0]
+
+    def forward_segments(self, segments: list[Segment], cache: SlotCache) -> list[torch.Tensor]:
+        """Several `forward` calls in one pass: segment i's B_i rows of T_i tokens each (a
+        decode step's rows of 1 token, a prefill's rows of a prompt's tokens) go through the
+        linear layers together, as one matrix of sum(B_i x T_i) rows, and through attention
+        apart. Returns each segment's final hidden states, (B_i, T_i, hidden).
+
+        Why: on a CPU a forward pass of a few dozen tokens costs about what reading the weights
+        does, so a prefill merged into the decode step it would otherwise precede saves one
+        pass over the weights and the per-layer overhead."""
         import torch
         from torch.nn import functional
 
-        batch, steps = tokens.shape
-        length = int(positions.max()) + 1
-        slots = slice(first_slot, first_slot + batch)
-        rows = torch.arange(batch, device=tokens.device).unsqueeze(1)
-        x = self.embed(tokens)
-        cos, sin = self.rotary(x, position_ids=positions)
-        bias = causal_bias(positions, length, torch.float32)
+        flat_tokens = torch.cat([s.tokens.reshape(-1) for s in segments]).unsqueeze(0)
+        flat_positions = torch.cat([s.positions.reshape(-1) for s in segments]).unsqueeze(0)
+        x = self.embed(flat_tokens)  # (1, N, hidden)
+        cos, sin = self.rotary(x, position_ids=flat_positions)
         q_size = self.heads * self.head_dim
         kv_size = self.kv_heads * self.head_dim
+        plans = []
+        start = 0
+        for segment in segments:
+            batch, steps = segment.tokens.shape
+            length = int(segment.positions.max()) + 1
+            bias = causal_bias(segment.positions, length, torch.float32)
+            plans.append((
+                slice(start, start + batch * steps), batch, steps, length,
+                slice(segment.first_slot, segment.first_slot + batch),
+                torch.arange(batch, device=x.device).unsqueeze(1), segment.positions, bias,
+                bias.view(batch, 1, steps, length) == 0 if self.fused_attention else None))
+            start += batch * steps
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm.weight, self.eps)
             qkv = layer.qkv(h)
             # q and k rotate in one call: their heads sit side by side in the fused output.
             qk = apply_rotary(qkv[..., :q_size + kv_size].view(
-                batch, steps, self.heads + self.kv_heads, self.head_dim), cos, sin)
-            q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
-            v = qkv[..., q_size + kv_size:].view(batch, steps, self.kv_heads, self.head_dim)
-            keys, values = cache.keys[index, slots], cache.values[index, slots]
-            # (B, T) advanced indices around the kv-head slice: the values are (B, T, kv, d).
-            keys[rows, :, positions] = k
-            values[rows, :, positions] = v
-            attended = grouped_attention(q, keys[:, :, :length], values[:, :, :length],
-                                         positions, self.scale, bias)
+                1, start, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            v_all = qkv[..., q_size + kv_size:]
+            outputs = []
+            for tokens, batch, steps, length, slots, rows, positions, bias, allowed in plans:
+                q = qk[0, tokens, :self.heads].view(batch, steps, self.heads, self.head_dim)
+                k = qk[0, tokens, self.heads:].view(batch, steps, self.kv_heads, self.head_dim)
+                v = v_all[0, tokens].view(batch, steps, self.kv_heads, self.head_dim)
+                keys, values = cache.keys[index, slots], cache.values[index, slots]
+                # (B, T) advanced indices around the kv-head slice: the values are (B, T, kv, d).
+                keys[rows, :, positions] = k
+                values[rows, :, positions] = v
+                if allowed is not None:
+                    attended = fused_attention(q, keys[:, :, :length], values[:, :, :length],
+                                               allowed, self.scale)
+                else:
+                    attended = grouped_attention(q, keys[:, :, :length], values[:, :, :length],
+                                                 positions, self.scale, bias)
+                outputs.append(attended.view(1, batch * steps, -1))
+            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
             x = x + layer.o_proj(attended)
             h = rms_norm(x, layer.post_norm.weight, self.eps)
             gate, up = layer.gate_up(h).chunk(2, -1)
             x = x + layer.down_proj(functional.silu(gate) * up)
-        return rms_norm(x, self.norm.weight, self.eps)
+        hidden = rms_norm(x, self.norm.weight, self.eps)[0]
+        return [hidden[plan[0]].view(plan[1], plan[2], -1) for plan in plans]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "SlotCache", "apply_rotary", "causal_bias",
-           "grouped_attention", "rms_norm", "unsupported_reason"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "FusedDecoder", "Segment", "SlotCache", "apply_rotary",
+           "causal_bias", "fused_attention", "grouped_attention", "rms_norm", "unsupported_reason"]

@@ -2,10 +2,10 @@
 (training/decoder.py). Serving (/v1, and the AI judge through it), rollouts and evaluation all
 generate through it.
 
-- Requests join and leave the running batch at every step: a new request is prefilled (its
-  prompt's keys/values computed in one pass) and samples its first token while the others wait
-  one step, then decodes with them; a finished or cancelled one leaves and its cache slot is
-  reused.
+- Requests join and leave the running batch at every step: a new request's prompt is
+  prefilled in the same forward pass in which the running ones decode a token (one pass over
+  the weights), and it samples its first token in that step; a finished or cancelled one
+  leaves and its cache slot is reused.
 - Requests that share a prompt (a rollout's n samples) prefill it once; requests that share a
   prefix (a chat template's system prompt, a judge's instructions) reuse its keys/values.
 - Each request has its own temperature, top-p, stop strings, token budget and random stream
@@ -107,7 +107,6 @@ class GenerationEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  max_context: int | None = None, kv_cache_gb: float = 4.0,
                  prefill_tokens: int = 2048):
-        import torch
 
         from training.decoder import FusedDecoder
 
@@ -121,8 +120,7 @@ class GenerationEngine:
                                self.decoder.max_positions)
         self.prefill_tokens = max(1, prefill_tokens)
         self.cache: SlotCache = self.decoder.new_cache()
-        per_position = 2 * len(self.decoder.layers) * self.decoder.kv_heads * \
-            self.decoder.head_dim * torch.empty((), dtype=self.decoder.dtype).element_size()
+        per_position = self.cache.bytes_per_position()
         self.kv_positions = max(self.max_context, int(kv_cache_gb * 2**30 // per_position))
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
@@ -287,12 +285,8 @@ class GenerationEngine:
         with self._step_lock, torch.inference_mode():
             try:
                 self._retire()
-                produced = self._admit()
+                produced = self._advance()
                 self._retire()
-                if self._active:
-                    self.peak_batch = max(self.peak_batch, len(self._active))
-                    produced += self._decode()
-                    self._retire()
             except Exception as exc:
                 # The model failed: the sequences in this step get the error (none is left
                 # waiting for an answer that will not come); queued ones are untouched.
@@ -357,58 +351,86 @@ class GenerationEngine:
             sequence.send(Finished(self._result(sequence)))
         return taken
 
-    def _admit(self) -> int:
-        """Prefill the admitted sequences' prompts and sample their first tokens."""
+    def _advance(self) -> int:
+        """One forward pass: every running sequence decodes a token and the admitted ones
+        prefill their prompts and sample their first tokens (a prefill longer than
+        PREFILL_CHUNK runs its leading chunks first, alone)."""
         import torch
 
+        from training.decoder import Segment
+
         taken = self._take_pending()
-        if not taken:
-            return 0
         self._admitting = taken
-        distinct = list(dict.fromkeys(s.request.prompt_ids for s in taken))
-        index_of = {prompt: i for i, prompt in enumerate(distinct)}
-        # New slots from `first`: one sequence per distinct prompt (prefilled together, in the
-        # order of `distinct`), then the other samples of those prompts (copies of the cache).
+        active = self._active
+        device = self.decoder.device
+        segments: list[Segment] = []
+        if active:
+            segments.append(Segment(
+                torch.tensor([[s.completion[-1]] for s in active], device=device),
+                torch.tensor([[s.cached] for s in active], device=device), 0))
         leaders: list[_Sequence] = []
         followers: list[_Sequence] = []
-        seen: set[tuple[int, ...]] = set()
-        for sequence in taken:
-            prompt = sequence.request.prompt_ids
-            (followers if prompt in seen else leaders).append(sequence)
-            seen.add(prompt)
-        slots = leaders + followers
-        first = len(self._active)
-        capacity = max(len(s.request.prompt_ids) + s.request.max_new_tokens
-                       for s in [*self._active, *slots])
-        wanted = first + len(slots)
-        # Slots grow in doublings, within the batch cap and the KV budget.
-        room = max(wanted, self.kv_positions // capacity)
-        self.cache.ensure(wanted if wanted <= self.cache.slots else
-                          min(self.max_batch, room, max(wanted, 2 * self.cache.slots)),
-                          capacity, keep_slots=first, max_positions=self.kv_positions)
-        hidden, prefix = self._prefill(distinct, first)
-        last_hidden = hidden[torch.arange(len(distinct), device=hidden.device),
-                             torch.tensor([len(p) - prefix - 1 for p in distinct],
-                                          device=hidden.device)]
-        for offset, sequence in enumerate(followers):
-            prompt = sequence.request.prompt_ids
-            self.cache.move(first + index_of[prompt], first + len(leaders) + offset, len(prompt))
-        for sequence in slots:
+        distinct: list[tuple[int, ...]] = []
+        prefix = last = 0
+        first = len(active)
+        if taken:
+            # New slots from `first`: one sequence per distinct prompt (prefilled together, in
+            # the order of `distinct`), then the other samples of those prompts (copies of the
+            # cache).
+            distinct = list(dict.fromkeys(s.request.prompt_ids for s in taken))
+            seen: set[tuple[int, ...]] = set()
+            for sequence in taken:
+                prompt = sequence.request.prompt_ids
+                (followers if prompt in seen else leaders).append(sequence)
+                seen.add(prompt)
+            capacity = max(len(s.request.prompt_ids) + s.request.max_new_tokens
+                           for s in [*active, *taken])
+            wanted = first + len(taken)
+            # Slots grow in doublings, within the batch cap and the KV budget.
+            room = max(wanted, self.kv_positions // capacity)
+            self.cache.ensure(wanted if wanted <= self.cache.slots else
+                              min(self.max_batch, room, max(wanted, 2 * self.cache.slots)),
+                              capacity, keep_slots=first, max_positions=self.kv_positions)
+            tokens, positions, prefix = self._prefill_inputs(distinct, first)
+            last = (tokens.shape[1] - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+            for chunk in range(0, last, PREFILL_CHUNK):
+                self.decoder.forward(tokens[:, chunk:chunk + PREFILL_CHUNK],
+                                     positions[:, chunk:chunk + PREFILL_CHUNK], self.cache, first)
+            segments.append(Segment(tokens[:, last:], positions[:, last:], first))
+        hidden = self.decoder.forward_segments(segments, self.cache)
+        rows = [hidden[0][:, -1]] if active else []
+        if taken:
+            prefilled = hidden[-1]
+            ends = torch.tensor([len(p) - prefix - 1 - last for p in distinct], device=device)
+            last_hidden = prefilled[torch.arange(len(distinct), device=device), ends]
+            index_of = {prompt: i for i, prompt in enumerate(distinct)}
+            for number, sequence in enumerate(followers):
+                prompt = sequence.request.prompt_ids
+                self.cache.move(first + index_of[prompt], first + len(leaders) + number,
+                                len(prompt))
+            rows.append(last_hidden.index_select(0, torch.tensor(
+                [index_of[s.request.prompt_ids] for s in [*leaders, *followers]],
+                device=device)))
+        for sequence in active:
+            sequence.cached += 1
+        for sequence in [*leaders, *followers]:
             sequence.cached = len(sequence.request.prompt_ids)
-        rows = torch.tensor([index_of[s.request.prompt_ids] for s in slots],
-                            device=last_hidden.device)
-        logits = self.decoder.logits(last_hidden.index_select(0, rows))
-        self._active.extend(slots)
+        self._active.extend([*leaders, *followers])
         self._admitting = []
-        self._sample(slots, logits)
-        return len(slots)
+        stepped = self._active
+        self.peak_batch = max(self.peak_batch, len(stepped))
+        if stepped:
+            self._sample(stepped, self.decoder.logits(torch.cat(rows) if len(rows) > 1
+                                                      else rows[0]))
+        return len(stepped)
 
-    def _prefill(self, prompts: Sequence[Sequence[int]], first: int,
-                 max_prefix: int | None = None) -> tuple[torch.Tensor, int]:
-        """Keys/values of each prompt into slots first.. (a shared prefix computed once, or
-        reused from the previous prefill; at most `max_prefix` tokens of it), and the final
-        hidden states of the rest: (len(prompts), longest rest, hidden), with the prefix length.
-        Long prompts go through in chunks of PREFILL_CHUNK tokens (bounded attention memory)."""
+    def _prefill_inputs(self, prompts: Sequence[Sequence[int]], first: int,
+                        max_prefix: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Put the keys/values of the prompts' shared prefix into slots first.. (computed
+        once, or reused from an earlier prefill; at most `max_prefix` tokens of it) and return
+        what is left to prefill: tokens and positions (len(prompts), longest rest), and the
+        prefix length."""
         import torch
 
         decoder, cache = self.decoder, self.cache
@@ -421,7 +443,9 @@ class GenerationEngine:
             cached_ids = self._prefix[0]
             reuse = min(common_prefix([cached_ids, *prompts]), limit)
         prefix = 0
-        if shared >= MIN_PREFIX and shared > reuse:
+        # A prefix of its own (one more forward pass) pays when several prompts share it, or
+        # when there is none to reuse yet (the next requests may share it: a system prompt).
+        if shared >= MIN_PREFIX and shared > reuse and (len(prompts) > 1 or reuse < MIN_PREFIX):
             # Extend what is reusable to the whole shared prefix, in slot `first`.
             if reuse >= MIN_PREFIX and self._prefix is not None:
                 cache.write(first, self._prefix[1][:, :, :reuse], self._prefix[2][:, :, :reuse])
@@ -451,10 +475,20 @@ class GenerationEngine:
         # Padding continues each row's positions: its keys land beyond the row's prompt, where
         # no real query looks (causal mask) and decoding overwrites them.
         positions = prefix + torch.arange(width).unsqueeze(0).expand(len(prompts), width)
-        tokens, positions = tokens.to(decoder.device), positions.to(decoder.device)
-        hidden = [decoder.forward(tokens[:, chunk:chunk + PREFILL_CHUNK],
-                                  positions[:, chunk:chunk + PREFILL_CHUNK], cache, first)
-                  for chunk in range(0, width, PREFILL_CHUNK)]
+        return tokens.to(decoder.device), positions.to(decoder.device), prefix
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], first: int,
+                 max_prefix: int | None = None) -> tuple[torch.Tensor, int]:
+        """Prefill the prompts into slots first..: the final hidden states of what was not a
+        shared prefix, (len(prompts), longest rest, hidden), with the prefix length. Long
+        prompts go through in chunks of PREFILL_CHUNK tokens (bounded attention memory)."""
+        import torch
+
+        tokens, positions, prefix = self._prefill_inputs(prompts, first, max_prefix)
+        hidden = [self.decoder.forward(tokens[:, chunk:chunk + PREFILL_CHUNK],
+                                       positions[:, chunk:chunk + PREFILL_CHUNK], self.cache,
+                                       first)
+                  for chunk in range(0, tokens.shape[1], PREFILL_CHUNK)]
         return torch.cat(hidden, dim=1), prefix
 
     def completion_logits(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -484,19 +518,6 @@ class GenerationEngine:
             if not completion:
                 out[i] = torch.empty((0, out[rows[0]].shape[-1]))
         return out
-
-    def _decode(self) -> int:
-        import torch
-
-        active = self._active
-        device = self.decoder.device
-        tokens = torch.tensor([[s.completion[-1]] for s in active], device=device)
-        positions = torch.tensor([[s.cached] for s in active], device=device)
-        hidden = self.decoder.forward(tokens, positions, self.cache, 0)
-        for sequence in active:
-            sequence.cached += 1
-        self._sample(active, self.decoder.logits(hidden[:, -1]))
-        return len(active)
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
         import torch

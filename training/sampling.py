@@ -69,21 +69,24 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
 
     scores = logits.float()
     greedy = temperature <= 0
-    divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = scores / divisor.unsqueeze(-1).to(scores.dtype)
-    # The chosen token's log-probability is its scaled logit minus the log-sum-exp: a full
-    # log_softmax would be another pass over the vocabulary, and the sampled rows' softmax
-    # is computed from the same normaliser.
-    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    if bool((temperature == 1).all()):
+        scaled = scores  # the rollouts' common case: no division over the vocabulary
+    else:
+        divisor = torch.where(greedy, torch.ones_like(temperature), temperature)
+        scaled = scores / divisor.unsqueeze(-1).to(scores.dtype)
+    # One exp over the vocabulary serves both the normaliser (the chosen token's
+    # log-probability is its scaled logit minus log-sum-exp) and the sampling weights, which
+    # invert_cdf takes unnormalised.
+    peak = scaled.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scaled - peak)
+    log_normaliser = peak.squeeze(-1) + torch.log(weights.sum(dim=-1))
     tokens = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     if bool(greedy.any()):
         tokens[greedy] = scores[greedy].argmax(dim=-1)
     if not bool(greedy.all()):
         all_sampled = not bool(greedy.any())
         sampled = (~greedy).nonzero().squeeze(-1)
-        probs = torch.exp(scaled - log_normaliser.unsqueeze(-1))
-        if not all_sampled:
-            probs = probs[sampled]
+        probs = weights if all_sampled else weights[sampled]
         nucleus = top_p[sampled] < 1.0
         if not bool(nucleus.any()):
             tokens[sampled] = invert_cdf(probs, uniforms[sampled])
@@ -92,7 +95,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
             if plain.numel():
                 tokens[plain] = invert_cdf(probs[~nucleus], uniforms[plain])
             rows = sampled[nucleus]
-            sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True, stable=True)
+            normalised = probs[nucleus] / probs[nucleus].sum(dim=-1, keepdim=True)
+            sorted_probs, order = normalised.sort(dim=-1, descending=True, stable=True)
             kept = sorted_probs * nucleus_mask(sorted_probs, top_p[rows])
             picked = invert_cdf(kept, uniforms[rows])
             tokens[rows] = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)

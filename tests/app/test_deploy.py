@@ -76,7 +76,7 @@ class RaisingEngine(LocalEngine):
         def fail(*args, **kwargs):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        self.generator.decoder.forward = fail
+        self.generator.decoder.forward_segments = fail
 
 
 def _loader(faulty: dict):

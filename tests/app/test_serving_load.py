@@ -27,14 +27,15 @@ def _engine(served: Any) -> Any:
 
 
 def _slow_down(generator: Any) -> None:
-    """Every forward pass of the generation engine sleeps a little first."""
-    forward = generator.decoder.forward
+    """Every forward pass of the generation engine sleeps a little first (all go through
+    forward_segments)."""
+    forward = generator.decoder.forward_segments
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(STEP_DELAY_S)
         return forward(*args, **kwargs)
 
-    generator.decoder.forward = slow
+    generator.decoder.forward_segments = slow
 
 
 def _body(max_tokens: int, **extra: Any) -> dict[str, Any]:

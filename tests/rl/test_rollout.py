@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.draws import assert_same_draws
 from training.rollout import (
     HFRolloutEngine,
     Rollout,
@@ -69,8 +70,10 @@ def test_a_sample_does_not_depend_on_the_rest_of_the_batch(engine: HFRolloutEngi
         apart = engine.generate(PROMPTS, params)
     finally:
         engine.batch_size = 8
-    assert [[r.completion_ids for r in s] for s in together] == \
-        [[r.completion_ids for r in s] for s in apart]
+    for samples, alone in zip(together, apart, strict=True):
+        for got, want in zip(samples, alone, strict=True):
+            assert_same_draws(got.completion_ids, got.logprobs, want.completion_ids,
+                              want.logprobs)
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(engine: HFRolloutEngine) -> None:

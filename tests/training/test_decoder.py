@@ -12,7 +12,11 @@ import torch
 
 from training.decoder import (
     FusedDecoder,
+    PackedLinear,
+    Segment,
     apply_rotary,
+    causal_bias,
+    fused_attention,
     grouped_attention,
     rms_norm,
     unsupported_reason,
@@ -112,6 +116,76 @@ def test_rows_at_different_positions_decode_together() -> None:
         assert torch.allclose(logits[row], _hf_logits(model, sequence)[-1], atol=1e-4)
 
 
+def test_a_prefill_merged_into_a_decode_step_changes_neither() -> None:
+    model = _llama()
+    decoder = FusedDecoder(model)
+    cache = decoder.new_cache()
+    cache.ensure(4, 64, keep_slots=0)
+    running = [[4, 8, 15, 16, 23, 42], [7, 7]]
+    joining = [[9, 1, 2, 6], [30, 31, 32, 33, 34, 35, 36]]
+    _prefill(decoder, cache, [s[:-1] for s in running])
+    width = max(len(p) for p in joining)
+    prefill_tokens = torch.tensor([p + [0] * (width - len(p)) for p in joining])
+    with torch.inference_mode():
+        decoded, prefilled = decoder.forward_segments(
+            [Segment(torch.tensor([[s[-1]] for s in running]),
+                     torch.tensor([[len(s) - 1] for s in running]), 0),
+             Segment(prefill_tokens, torch.arange(width).expand(2, width), 2)], cache)
+        decoded_logits = decoder.logits(decoded[:, -1])
+        prefilled_logits = decoder.logits(prefilled)
+    assert decoded.shape == (2, 1, 64) and prefilled.shape == (2, width, 64)
+    for row, sequence in enumerate(running):
+        assert torch.allclose(decoded_logits[row], _hf_logits(model, sequence)[-1], atol=1e-4)
+    for row, prompt in enumerate(joining):
+        assert torch.allclose(prefilled_logits[row, :len(prompt)], _hf_logits(model, prompt),
+                              atol=1e-4)
+    # The joining rows' keys/values landed in slots 2 and 3: they decode on from there.
+    with torch.inference_mode():
+        hidden = decoder.forward(torch.tensor([[50], [51]]),
+                                 torch.tensor([[len(p)] for p in joining]), cache, 2)
+        logits = decoder.logits(hidden[:, -1])
+    for row, prompt in enumerate(joining):
+        assert torch.allclose(logits[row], _hf_logits(model, [*prompt, 50 + row])[-1],
+                              atol=1e-4)
+
+
+def test_a_bf16_decoder_uses_fused_attention_and_packed_weights_and_tracks_hf() -> None:
+    model = _llama().to(torch.bfloat16)
+    decoder = FusedDecoder(model)
+    assert decoder.fused_attention
+    prompts = [[5, 9, 13, 2, 7, 7, 40], [1, 2, 3]]
+    cache = decoder.new_cache()
+    cache.ensure(2, 64, keep_slots=0)
+    with torch.inference_mode():
+        logits = decoder.logits(_prefill(decoder, cache, prompts)).float()
+    for row, prompt in enumerate(prompts):
+        expected = _hf_logits(model, prompt).float()
+        # bf16 keeps 8 bits of mantissa: both sides round differently along 3 layers.
+        assert torch.allclose(logits[row, :len(prompt)], expected, atol=0.05), row
+        assert (logits[row, :len(prompt)].argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+
+
+def test_packed_linear_equals_f_linear_in_fp32_and_bf16() -> None:
+    from torch.nn.functional import linear
+
+    torch.manual_seed(2)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        weight, bias = torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
+        packed = PackedLinear(weight, bias, pack=True, batch_hint=8)
+        x = torch.randn(2, 5, 64, dtype=dtype)
+        with torch.inference_mode():
+            got = packed(x)
+        want = linear(x, weight, bias)
+        assert got.dtype == dtype and got.shape == (2, 5, 48)
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance * 8)
+        with torch.no_grad():
+            weight.mul_(-1)  # weight sync changes the weights in place
+        packed.refresh()
+        with torch.inference_mode():
+            assert torch.allclose(packed(x).float(), -(want - bias).float() + bias.float(),
+                                  rtol=tolerance, atol=tolerance * 8)
+
+
 def test_fused_weights_are_views_so_a_state_dict_copy_reaches_the_decoder() -> None:
     model = _llama()
     decoder = FusedDecoder(model)
@@ -185,3 +259,19 @@ def test_grouped_attention_equals_sdpa_with_gqa_and_a_causal_mask() -> None:
                                         attn_mask=visible.unsqueeze(1), enable_gqa=True)
     assert torch.allclose(got, want.transpose(1, 2).reshape(batch, steps, heads * dim),
                           atol=1e-5)
+
+
+def test_fused_attention_equals_grouped_attention() -> None:
+    batch, steps, heads, kv_heads, dim, length = 3, 4, 6, 2, 8, 12
+    q = torch.randn(batch, steps, heads, dim)
+    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads,
+                                                                          length, dim)
+    positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [8, 9, 10, 11]])
+    allowed = causal_bias(positions, length, torch.float32).view(batch, 1, steps, length) == 0
+    want = grouped_attention(q, keys, values, positions, dim ** -0.5)
+    assert torch.allclose(fused_attention(q, keys, values, allowed, dim ** -0.5), want,
+                          atol=1e-5)
+    half = fused_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), allowed,
+                           dim ** -0.5)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), want, atol=0.05)
