@@ -57,6 +57,7 @@ from training.offline_batch import MicroBatch, Reference, reference_logps
 from training.optim import lr_schedule, optimizer_step
 from training.policy import (
     freeze,
+    hold_frozen_linears_in_bf16,
     is_peft,
     load_causal_lm,
     trainable_parameters,
@@ -274,6 +275,8 @@ def train(mode: str, config: TrainConfig, *, on_step_end: StepCallback | None = 
 
     # 2. The policy (and, when needed, the reference).
     model = build_policy(config, tokenizer, device)
+    if bf16 and is_peft(model) and config.deepspeed == "none":
+        hold_frozen_linears_in_bf16(model)  # every forward below runs under bf16 autocast
     reference = Reference()
     reference_started = time.perf_counter()
     if config.needs_reference:

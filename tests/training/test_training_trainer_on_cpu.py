@@ -315,3 +315,49 @@ def test_unknown_attention_kernel_is_a_config_error(preference_file, tiny_model_
     with pytest.raises(ConfigError, match="attention"):
         run("dpo", preference_file, tiny_model_dir, tmp_path / "run", "attention=flash")
     assert not (tmp_path / "run").exists()
+
+
+def test_frozen_lora_base_in_bf16_changes_no_loss_and_no_adapter_weight(
+        preference_file, tiny_model_dir, tmp_path, monkeypatch):
+    """Under bf16 autocast the trainer stores LoRA's frozen base linears in bf16 (autocast would
+    re-cast them at every call): the same bf16 values, so the same losses and adapter."""
+    import training.trainer as trainer_module
+
+    args = ("max_steps=3", "save_steps=0", "lora=on", "lora_r=4", "precision=bf16")
+    converted: list[int] = []
+    real = trainer_module.hold_frozen_linears_in_bf16
+    monkeypatch.setattr(trainer_module, "hold_frozen_linears_in_bf16",
+                        lambda model: converted.append(real(model)) or converted[-1])
+    held = run("dpo", preference_file, tiny_model_dir, tmp_path / "held", *args)
+    assert converted and converted[0] > 0
+    monkeypatch.setattr(trainer_module, "hold_frozen_linears_in_bf16", lambda model: 0)
+    cast = run("dpo", preference_file, tiny_model_dir, tmp_path / "cast", *args)
+    assert [r["train/loss"] for r in metrics(held.run_dir)] == \
+        [r["train/loss"] for r in metrics(cast.run_dir)]
+    held_weights, cast_weights = weights(held.model_dir), weights(cast.model_dir)
+    assert held_weights.keys() == cast_weights.keys() and held_weights
+    for name, tensor in held_weights.items():
+        assert tensor.dtype == torch.float32, name  # the adapter is saved in fp32
+        assert torch.equal(tensor, cast_weights[name]), name
+
+
+def test_hold_frozen_linears_in_bf16_leaves_trainable_and_tied_weights_fp32():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.policy import hold_frozen_linears_in_bf16
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert hold_frozen_linears_in_bf16(model) == 2 * 7  # q k v o gate up down per layer
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    embed = model.get_input_embeddings().weight
+    assert embed.dtype == torch.float32 and model.base_model.model.lm_head.weight is embed
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert layer.mlp.down_proj.weight.dtype == torch.bfloat16
+    assert hold_frozen_linears_in_bf16(model) == 0  # nothing left to convert
