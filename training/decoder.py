@@ -216,6 +216,20 @@ class Segment(NamedTuple):
     first_slot: int = 0
 
 
+class _SegmentPlan(NamedTuple):
+    """What `forward_segments` works out once per segment for every layer."""
+
+    rows_in_pass: slice  # the segment's rows of the flattened (1, N, hidden) pass
+    batch: int
+    steps: int
+    length: int  # cache positions attention reads
+    slots: slice  # the segment's cache slots
+    rows: torch.Tensor  # (B, 1) row indices for the cache writes
+    positions: torch.Tensor
+    bias: torch.Tensor  # causal_bias of the segment
+    allowed: torch.Tensor | None  # the same as a bool mask, for fused attention
+
+
 def unsupported_reason(model: Any) -> str | None:
     """None if `FusedDecoder` can run this model, else why not."""
     config = getattr(model, "config", None)
@@ -407,13 +421,13 @@ class FusedDecoder:
         cos, sin = self.rotary(x, position_ids=flat_positions)
         q_size = self.heads * self.head_dim
         kv_size = self.kv_heads * self.head_dim
-        plans = []
+        plans: list[_SegmentPlan] = []
         start = 0
         for segment in segments:
             batch, steps = segment.tokens.shape
             length = int(segment.positions.max()) + 1
             bias = causal_bias(segment.positions, length, torch.float32)
-            plans.append((
+            plans.append(_SegmentPlan(
                 slice(start, start + batch * steps), batch, steps, length,
                 slice(segment.first_slot, segment.first_slot + batch),
                 torch.arange(batch, device=x.device).unsqueeze(1), segment.positions, bias,
@@ -427,28 +441,30 @@ class FusedDecoder:
                 1, start, self.heads + self.kv_heads, self.head_dim), cos, sin)
             v_all = qkv[..., q_size + kv_size:]
             outputs = []
-            for tokens, batch, steps, length, slots, rows, positions, bias, allowed in plans:
-                q = qk[0, tokens, :self.heads].view(batch, steps, self.heads, self.head_dim)
-                k = qk[0, tokens, self.heads:].view(batch, steps, self.kv_heads, self.head_dim)
-                v = v_all[0, tokens].view(batch, steps, self.kv_heads, self.head_dim)
-                keys, values = cache.keys[index, slots], cache.values[index, slots]
+            for plan in plans:
+                shape = (plan.batch, plan.steps)
+                q = qk[0, plan.rows_in_pass, :self.heads].view(*shape, self.heads, self.head_dim)
+                k = qk[0, plan.rows_in_pass, self.heads:].view(*shape, self.kv_heads,
+                                                               self.head_dim)
+                v = v_all[0, plan.rows_in_pass].view(*shape, self.kv_heads, self.head_dim)
+                keys, values = cache.keys[index, plan.slots], cache.values[index, plan.slots]
                 # (B, T) advanced indices around the kv-head slice: the values are (B, T, kv, d).
-                keys[rows, :, positions] = k
-                values[rows, :, positions] = v
-                if allowed is not None:
-                    attended = fused_attention(q, keys[:, :, :length], values[:, :, :length],
-                                               allowed, self.scale)
+                keys[plan.rows, :, plan.positions] = k
+                values[plan.rows, :, plan.positions] = v
+                keys, values = keys[:, :, :plan.length], values[:, :, :plan.length]
+                if plan.allowed is not None:
+                    attended = fused_attention(q, keys, values, plan.allowed, self.scale)
                 else:
-                    attended = grouped_attention(q, keys[:, :, :length], values[:, :, :length],
-                                                 positions, self.scale, bias)
-                outputs.append(attended.view(1, batch * steps, -1))
+                    attended = grouped_attention(q, keys, values, plan.positions, self.scale,
+                                                 plan.bias)
+                outputs.append(attended.view(1, plan.batch * plan.steps, -1))
             attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
             x = x + layer.o_proj(attended)
             h = rms_norm(x, layer.post_norm.weight, self.eps)
             gate, up = layer.gate_up(h).chunk(2, -1)
             x = x + layer.down_proj(functional.silu(gate) * up)
         hidden = rms_norm(x, self.norm.weight, self.eps)[0]
-        return [hidden[plan[0]].view(plan[1], plan[2], -1) for plan in plans]
+        return [hidden[plan.rows_in_pass].view(plan.batch, plan.steps, -1) for plan in plans]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -107,7 +107,6 @@ class GenerationEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  max_context: int | None = None, kv_cache_gb: float = 4.0,
                  prefill_tokens: int = 2048):
-
         from training.decoder import FusedDecoder
 
         if max_batch < 1:
@@ -397,6 +396,8 @@ class GenerationEngine:
                 self.decoder.forward(tokens[:, chunk:chunk + PREFILL_CHUNK],
                                      positions[:, chunk:chunk + PREFILL_CHUNK], self.cache, first)
             segments.append(Segment(tokens[:, last:], positions[:, last:], first))
+        if not segments:
+            return 0  # nothing running and nothing admitted (the queue held cancelled ones)
         hidden = self.decoder.forward_segments(segments, self.cache)
         rows = [hidden[0][:, -1]] if active else []
         if taken:

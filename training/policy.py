@@ -133,6 +133,5 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["LoraFields", "TaskType", "check_lora_targets", "freeze", "hold_frozen_linears_in_bf16",
-           "is_peft",
-           "load_causal_lm", "trainable_parameters", "trainable_state", "uses_lora",
+           "is_peft", "load_causal_lm", "trainable_parameters", "trainable_state", "uses_lora",
            "with_lora"]

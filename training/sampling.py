@@ -95,7 +95,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
             if plain.numel():
                 tokens[plain] = invert_cdf(probs[~nucleus], uniforms[plain])
             rows = sampled[nucleus]
-            normalised = probs[nucleus] / probs[nucleus].sum(dim=-1, keepdim=True)
+            nucleus_weights = probs[nucleus]
+            normalised = nucleus_weights / nucleus_weights.sum(dim=-1, keepdim=True)
             sorted_probs, order = normalised.sort(dim=-1, descending=True, stable=True)
             kept = sorted_probs * nucleus_mask(sorted_probs, top_p[rows])
             picked = invert_cdf(kept, uniforms[rows])

@@ -149,7 +149,7 @@ def test_a_prefill_merged_into_a_decode_step_changes_neither() -> None:
                               atol=1e-4)
 
 
-def test_a_bf16_decoder_uses_fused_attention_and_packed_weights_and_tracks_hf() -> None:
+def test_a_bf16_decoder_uses_fused_attention_and_tracks_hf() -> None:
     model = _llama().to(torch.bfloat16)
     decoder = FusedDecoder(model)
     assert decoder.fused_attention
@@ -172,6 +172,8 @@ def test_packed_linear_equals_f_linear_in_fp32_and_bf16() -> None:
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         weight, bias = torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
         packed = PackedLinear(weight, bias, pack=True, batch_hint=8)
+        if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert packed.packed is not None, dtype  # the oneDNN path, not the fallback
         x = torch.randn(2, 5, 64, dtype=dtype)
         with torch.inference_mode():
             got = packed(x)
@@ -245,14 +247,21 @@ def test_rotary_equals_llamas_apply_rotary_pos_emb() -> None:
     assert torch.allclose(apply_rotary(k, cos, sin), want_k.transpose(1, 2), atol=1e-6)
 
 
-def test_grouped_attention_equals_sdpa_with_gqa_and_a_causal_mask() -> None:
-    from torch.nn.functional import scaled_dot_product_attention
-
+def _attention_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (3, 4, 6 heads, 8), keys and values (3, 2 kv heads, 12, 8), rows at other positions."""
     batch, steps, heads, kv_heads, dim, length = 3, 4, 6, 2, 8, 12
     q = torch.randn(batch, steps, heads, dim)
     keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads,
                                                                           length, dim)
     positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [8, 9, 10, 11]])
+    return q, keys, values, positions
+
+
+def test_grouped_attention_equals_sdpa_with_gqa_and_a_causal_mask() -> None:
+    from torch.nn.functional import scaled_dot_product_attention
+
+    q, keys, values, positions = _attention_inputs()
+    (batch, steps, heads, dim), length = q.shape, keys.shape[2]
     got = grouped_attention(q, keys, values, positions, dim ** -0.5)
     visible = torch.arange(length).view(1, 1, length) <= positions.unsqueeze(-1)
     want = scaled_dot_product_attention(q.transpose(1, 2), keys, values,
@@ -262,11 +271,8 @@ def test_grouped_attention_equals_sdpa_with_gqa_and_a_causal_mask() -> None:
 
 
 def test_fused_attention_equals_grouped_attention() -> None:
-    batch, steps, heads, kv_heads, dim, length = 3, 4, 6, 2, 8, 12
-    q = torch.randn(batch, steps, heads, dim)
-    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads,
-                                                                          length, dim)
-    positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [8, 9, 10, 11]])
+    q, keys, values, positions = _attention_inputs()
+    (batch, steps, _, dim), length = q.shape, keys.shape[2]
     allowed = causal_bias(positions, length, torch.float32).view(batch, 1, steps, length) == 0
     want = grouped_attention(q, keys, values, positions, dim ** -0.5)
     assert torch.allclose(fused_attention(q, keys, values, allowed, dim ** -0.5), want,

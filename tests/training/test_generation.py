@@ -244,6 +244,14 @@ def test_cancelled_requests_leave_the_queue_at_once(engine: Any) -> None:
     assert len(engine._pending) == 0
 
 
+def test_a_step_over_a_queue_of_cancelled_requests_does_nothing(engine: Any) -> None:
+    sink = Collector()
+    engine.submit(_request(engine, CHATS[0], 5), sink).cancel()
+    assert engine.step() == 0  # no forward pass over an empty batch
+    assert sink.result.finish_reason == "cancelled" and sink.result.completion_ids == []
+    assert engine.busy == 0 and engine.tokens_generated == 0
+
+
 def test_a_refused_request_in_run_leaves_nothing_queued(engine: Any) -> None:
     fine = _request(engine, CHATS[0], 3, temperature=0.0)
     with pytest.raises(ValueError, match="context"):
